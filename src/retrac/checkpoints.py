@@ -1,0 +1,194 @@
+"""Loading checkpoints: diffusers ``save_pretrained`` folders and accelerate-style ``checkpoint-N/``.
+
+Layouts understood for a path ``P``:
+
+* ``P/config.json`` + ``P/diffusion_pytorch_model.safetensors`` (a ``UNet2DModel.save_pretrained``);
+* ``P/unet/...`` (a pipeline folder, or a ``checkpoint-N/`` saved by diffusers' training scripts,
+  whose accelerate save hook writes ``unet/``);
+* ``P/model.safetensors`` (a plain ``accelerator.save_state``), with the model config taken from
+  ``P/../unet/config.json`` or ``P/../config.json``.
+
+Weights are read with safetensors, or ``torch.load(..., weights_only=True)`` for ``.bin`` files:
+nothing is unpickled. A checkpoint's weight ``w_k`` (DESIGN section 1: learning rate times steps
+covered) comes from ``PATH=WEIGHT``, else from ``P/retrac_checkpoint.json``, else 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from retrac.errors import CheckpointError
+
+MODEL_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+ACCELERATE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CHECKPOINT_INFO = "retrac_checkpoint.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint ``theta_k`` with its weight ``w_k`` and the sha256 of its weights."""
+
+    path: str
+    weight: float
+    sha256: str
+    step: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_checkpoint_spec(spec: str) -> tuple[str, float | None]:
+    """Split ``PATH[=WEIGHT]`` into the path and the weight (``None`` when not given)."""
+    path, sep, weight = str(spec).rpartition("=")
+    if not sep:
+        return str(spec), None
+    try:
+        value = float(weight)
+    except ValueError:
+        return str(spec), None  # an '=' inside the path, not a weight
+    if not value > 0:
+        raise CheckpointError(
+            f"checkpoint weight in {spec!r} must be positive; give PATH=WEIGHT with WEIGHT > 0."
+        )
+    return path, value
+
+
+def _find_model_dir(path: Path) -> tuple[Path, Path]:
+    """Return ``(config_dir, weights_file)`` for a checkpoint path."""
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist; give a save_pretrained or checkpoint-N folder."
+        )
+    for model_dir in (path, path / "unet"):
+        if (model_dir / "config.json").is_file():
+            for name in MODEL_WEIGHT_FILES:
+                if (model_dir / name).is_file():
+                    return model_dir, model_dir / name
+            raise CheckpointError(
+                f"checkpoint {str(model_dir)!r} has config.json but no {' or '.join(MODEL_WEIGHT_FILES)}; "
+                "re-save it with save_pretrained."
+            )
+    for name in ACCELERATE_WEIGHT_FILES:
+        if (path / name).is_file():
+            for config_dir in (path.parent / "unet", path.parent):
+                if (config_dir / "config.json").is_file():
+                    return config_dir, path / name
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds {name} but no model config was found in "
+                f"{str(path.parent / 'unet')!r} or {str(path.parent)!r}; save the model config there."
+            )
+    raise CheckpointError(
+        f"{str(path)!r} is not a checkpoint: expected config.json with diffusion_pytorch_model.safetensors, "
+        "a unet/ subfolder, or an accelerate model.safetensors."
+    )
+
+
+def load_state_dict(weights_file: Path) -> dict[str, Tensor]:
+    """Read a weights file without unpickling anything."""
+    try:
+        if weights_file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(weights_file))
+        return torch.load(str(weights_file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or truncated file
+        raise CheckpointError(
+            f"checkpoint weights {str(weights_file)!r} cannot be read ({type(exc).__name__}: {exc}); "
+            "the file is corrupt or truncated: re-save the checkpoint."
+        ) from exc
+
+
+def state_dict_sha256(state_dict: dict[str, Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a state dict, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_unet(path: str | Path):
+    """Load the ``UNet2DModel`` (or other diffusers model) of a checkpoint on the CPU."""
+    config_dir, weights_file = _find_model_dir(Path(path))
+    from diffusers import UNet2DModel
+
+    try:
+        config = UNet2DModel.load_config(str(config_dir))
+        model = UNet2DModel.from_config(config)
+    except Exception as exc:
+        raise CheckpointError(f"model config in {str(config_dir)!r} cannot be read: {exc}") from exc
+    state = load_state_dict(weights_file)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit its model config: missing {list(missing)[:3]}, "
+            f"unexpected {list(unexpected)[:3]}; check that config and weights belong together."
+        )
+    return model.eval()
+
+
+def load_scheduler(path: str | Path):
+    """Load the noise scheduler saved with a checkpoint (``scheduler/`` next to or above it)."""
+    path = Path(path)
+    candidates = [path / "scheduler", path, path.parent / "scheduler", path.parent.parent / "scheduler"]
+    for folder in candidates:
+        if (folder / "scheduler_config.json").is_file():
+            import diffusers
+
+            name = json.loads((folder / "scheduler_config.json").read_text()).get(
+                "_class_name", "DDPMScheduler"
+            )
+            cls = getattr(diffusers, name, None)
+            if cls is None:
+                raise CheckpointError(
+                    f"scheduler class {name!r} in {str(folder)!r} is not a diffusers scheduler."
+                )
+            return cls.from_pretrained(str(folder))
+    raise CheckpointError(
+        f"no scheduler_config.json found with checkpoint {str(path)!r} (looked in "
+        f"{', '.join(str(c) for c in candidates)}); save the scheduler with scheduler.save_pretrained there "
+        "or pass a scheduler explicitly."
+    )
+
+
+def resolve_checkpoint(spec: str | Path, weight: float | None = None) -> Checkpoint:
+    """Describe a checkpoint: its path, weight ``w_k`` and the sha256 of its weights.
+
+    Args:
+        spec: ``PATH`` or ``PATH=WEIGHT``.
+        weight: overrides the weight in ``spec`` and in ``retrac_checkpoint.json``.
+    """
+    path_str, spec_weight = parse_checkpoint_spec(str(spec))
+    path = Path(path_str)
+    _, weights_file = _find_model_dir(path)
+    info = {}
+    if (path / CHECKPOINT_INFO).is_file():
+        info = json.loads((path / CHECKPOINT_INFO).read_text())
+    chosen = (
+        weight if weight is not None else spec_weight if spec_weight is not None else info.get("weight", 1.0)
+    )
+    if not float(chosen) > 0:
+        raise CheckpointError(f"checkpoint {path_str!r} has weight {chosen}; weights must be positive.")
+    return Checkpoint(
+        path=str(path.resolve()),
+        weight=float(chosen),
+        sha256=state_dict_sha256(load_state_dict(weights_file)),
+        step=info.get("step"),
+    )
+
+
+def save_checkpoint(model, scheduler, path: str | Path, weight: float = 1.0, step: int | None = None) -> Path:
+    """Write a checkpoint folder: ``unet/`` and ``scheduler/`` (save_pretrained) and its weight."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path / "unet"))
+    scheduler.save_pretrained(str(path / "scheduler"))
+    (path / CHECKPOINT_INFO).write_text(json.dumps({"weight": weight, "step": step}, indent=2))
+    return path

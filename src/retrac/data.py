@@ -1,0 +1,201 @@
+"""Training and query data: arrays and image folders -> ``(N, C, H, W)`` tensors in ``[-1, 1]``.
+
+Sources:
+
+* ``.npy``: an array ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``; ids are row numbers.
+* ``.npz``: key ``images`` (or the only array), optional ``labels`` ``(N,)`` and ``ids`` ``(N,)``.
+* a folder of PNG/JPEG files (sorted by name); ids are the file names.
+
+``uint8`` arrays are scaled by ``x / 127.5 - 1``; float arrays must already lie in ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from retrac.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CHANNEL_COUNTS = (1, 3, 4)
+
+
+@dataclass
+class ImageDataset:
+    """Images with stable ids and a fingerprint.
+
+    Attributes:
+        images: ``(N, C, H, W)`` float32 in ``[-1, 1]``.
+        ids: ``N`` stable sample ids (file names or row numbers as strings).
+        labels: ``(N,)`` int64 class labels, or ``None``.
+        source: where the data came from.
+    """
+
+    images: Tensor
+    ids: list[str]
+    labels: Tensor | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise DataError(
+                f"images from {self.source or 'input'} must be (N, C, H, W); got {tuple(self.images.shape)}."
+            )
+        if self.images.shape[0] == 0:
+            raise DataError(f"the data set {self.source or ''} is empty; give at least one image.")
+        if len(self.ids) != self.images.shape[0]:
+            raise DataError(
+                f"{len(self.ids)} ids for {self.images.shape[0]} images in {self.source}; give one id per image."
+            )
+        if len(set(self.ids)) != len(self.ids):
+            raise DataError(f"sample ids in {self.source} are not unique; ids must identify samples.")
+        if self.labels is not None and self.labels.shape[0] != self.images.shape[0]:
+            raise DataError(
+                f"{self.labels.shape[0]} labels for {self.images.shape[0]} images in {self.source}."
+            )
+        if not torch.isfinite(self.images).all():
+            bad = int((~torch.isfinite(self.images)).flatten(1).any(1).nonzero()[0])
+            raise DataError(
+                f"image {self.ids[bad]!r} in {self.source} has NaN or infinite pixels; clean or drop it."
+            )
+        lo, hi = float(self.images.min()), float(self.images.max())
+        if lo < -1.001 or hi > 1.001:
+            raise DataError(
+                f"pixels of {self.source} lie in [{lo:.3g}, {hi:.3g}], outside [-1, 1]; store uint8 images "
+                "or floats already scaled to [-1, 1]."
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the pixels, ids and labels: two data sets with equal fingerprints are the same."""
+        digest = hashlib.sha256()
+        digest.update(str(tuple(self.images.shape)).encode())
+        digest.update(self.images.contiguous().numpy().tobytes())
+        digest.update("\n".join(self.ids).encode())
+        if self.labels is not None:
+            digest.update(self.labels.numpy().astype(np.int64).tobytes())
+        return digest.hexdigest()
+
+    def subset(self, rows) -> ImageDataset:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return ImageDataset(
+            images=self.images[rows],
+            ids=[self.ids[i] for i in rows.tolist()],
+            labels=None if self.labels is None else self.labels[rows],
+            source=self.source,
+        )
+
+    def save_npz(self, path: str | Path) -> Path:
+        """Write the data set as ``.npz`` (float32 images in [-1, 1], ids, labels) that ``load_dataset`` reads."""
+        arrays = {"images": self.images.numpy().astype(np.float32), "ids": np.array(self.ids)}
+        if self.labels is not None:
+            arrays["labels"] = self.labels.numpy()
+        np.savez(path, **arrays)
+        return Path(path)
+
+
+def _to_nchw(array: np.ndarray, source: str) -> np.ndarray:
+    if array.ndim == 3:
+        return array[:, None]
+    if array.ndim != 4:
+        raise DataError(
+            f"{source}: array of shape {array.shape} is not (N, H, W), (N, H, W, C) or (N, C, H, W)."
+        )
+    if array.shape[1] in CHANNEL_COUNTS:
+        return array
+    if array.shape[-1] in CHANNEL_COUNTS:
+        return np.moveaxis(array, -1, 1)
+    raise DataError(f"{source}: cannot tell the channel axis of shape {array.shape}; use 1, 3 or 4 channels.")
+
+
+def images_from_array(array: np.ndarray, source: str = "array") -> Tensor:
+    """Convert an image array to ``(N, C, H, W)`` float32 in ``[-1, 1]``."""
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 127.5 - 1.0
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    else:
+        raise DataError(
+            f"{source}: images of dtype {array.dtype} are not supported; use uint8 or float in [-1, 1]."
+        )
+    return torch.from_numpy(np.ascontiguousarray(_to_nchw(array, source)))
+
+
+def _read_image_files(files: list[Path], source: str) -> ImageDataset:
+    from PIL import Image
+
+    arrays = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                gray = img.mode in ("L", "LA", "I", "1")
+                arrays.append(np.asarray(img.convert("L") if gray else img.convert("RGB")))
+        except Exception as exc:
+            raise DataError(f"image {str(file)!r} cannot be read: {exc}") from exc
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise DataError(
+            f"images in {source!r} have different sizes {sorted(shapes)}; resize them to one size."
+        )
+    return ImageDataset(images_from_array(np.stack(arrays), source), [f.name for f in files], source=source)
+
+
+def _load_folder(folder: Path) -> ImageDataset:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"folder {str(folder)!r} holds no PNG or JPEG image; give a folder of images or an array file."
+        )
+    return _read_image_files(files, str(folder))
+
+
+def load_dataset(path: str | Path) -> ImageDataset:
+    """Load a data set from ``.npy``, ``.npz`` or a folder of PNG/JPEG images.
+
+    Raises:
+        DataError: missing path, unknown format, empty data, NaN or out-of-range pixels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path {str(path)!r} does not exist.")
+    if path.is_dir():
+        return _load_folder(path)
+    source = str(path)
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+            return ImageDataset(
+                images_from_array(array, source), [str(i) for i in range(len(array))], source=source
+            )
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                keys = list(archive.keys())
+                if "images" in keys:
+                    array = archive["images"]
+                elif len(keys) == 1:
+                    array = archive[keys[0]]
+                else:
+                    raise DataError(
+                        f"{source} has arrays {keys} and none named 'images'; name the image array 'images'."
+                    )
+                labels = torch.from_numpy(archive["labels"].astype(np.int64)) if "labels" in keys else None
+                ids = (
+                    [str(i) for i in archive["ids"]] if "ids" in keys else [str(i) for i in range(len(array))]
+                )
+            return ImageDataset(images_from_array(array, source), ids, labels, source=source)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"data file {source!r} cannot be read ({type(exc).__name__}: {exc}).") from exc
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _read_image_files([path], source)
+    raise DataError(f"data path {source!r} is not a .npy, .npz, image file or folder of images.")

@@ -1,0 +1,197 @@
+"""The embedded default: a tiny DDPM trained on scikit-learn's bundled 8x8 digits.
+
+``train_digits_ddpm`` trains a ``UNet2DModel`` with a ``DDPMScheduler``, saves checkpoints with
+their weights (learning rate x steps since the previous checkpoint) and a training-event log.
+Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retrac.checkpoints import save_checkpoint
+from retrac.data import ImageDataset
+from retrac.errors import ConfigError
+from retrac.events import TrainingEventLog, derive_seed, noise_from_seed
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo trainer.
+
+    Attributes:
+        seed: seeds the split, the model initialisation, batches, timesteps and noise.
+        epochs: passes over the training split.
+        batch_size: samples per optimizer step.
+        learning_rate: constant AdamW learning rate.
+        num_checkpoints: checkpoints saved at evenly spaced steps (the last at the final step).
+        num_heldout: digits kept out of training, used as queries.
+        num_train_timesteps: ``T`` of the DDPM scheduler.
+    """
+
+    seed: int = 0
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    num_checkpoints: int = 4
+    num_heldout: int = 197
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be at least 1.")
+        if self.num_checkpoints < 1:
+            raise ConfigError("num_checkpoints must be at least 1.")
+        if not 0 < self.num_heldout < 1797:
+            raise ConfigError("num_heldout must lie in (0, 1797) (scikit-learn's digits hold 1797 images).")
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DemoConfig:
+        """A shorter run for smoke tests (a few seconds)."""
+        return cls(seed=seed, epochs=4, num_checkpoints=3)
+
+
+def digits_dataset() -> ImageDataset:
+    """scikit-learn's 1797 digits as ``(1797, 1, 8, 8)`` in ``[-1, 1]`` with labels; ids ``digit-NNNN``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # pixel values 0..16
+    ids = [f"digit-{i:04d}" for i in range(len(images))]
+    return ImageDataset(
+        images, ids, torch.from_numpy(digits.target.astype(np.int64)), source="sklearn-digits"
+    )
+
+
+def build_demo_unet(sample_size: int = 8, channels: int = 1, num_class_embeds: int | None = None):
+    """The demo's tiny ``UNet2DModel`` (one attention block, so attention is exercised)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=num_class_embeds,
+    )
+
+
+def build_demo_scheduler(num_train_timesteps: int = 1000):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear")
+
+
+def split_digits(config: DemoConfig) -> tuple[ImageDataset, ImageDataset]:
+    """Seeded split of the digits into (train, held-out)."""
+    data = digits_dataset()
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    heldout = sorted(order[: config.num_heldout])
+    train = sorted(order[config.num_heldout :])
+    return data.subset(train), data.subset(heldout)
+
+
+def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True) -> dict:
+    """Train the demo DDPM and write checkpoints, data and the training-event log under ``out``.
+
+    Layout written::
+
+        out/train.npz, out/heldout.npz           data (images in [-1, 1], ids, labels)
+        out/checkpoints/checkpoint-STEP/         unet/, scheduler/, retrac_checkpoint.json
+        out/events.npz                           training-event log (TrainingEventLog)
+        out/demo.json                            config, paths, timing
+
+    Returns:
+        The content of ``demo.json``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, heldout = split_digits(config)
+    train_path = train.save_npz(out / "train.npz")
+    heldout_path = heldout.save_npz(out / "heldout.npz")
+
+    torch.manual_seed(config.seed)
+    model = build_demo_unet()
+    scheduler = build_demo_scheduler(config.num_train_timesteps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+
+    n = len(train)
+    steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    checkpoint_steps = sorted(
+        {round(total_steps * (k + 1) / config.num_checkpoints) for k in range(config.num_checkpoints)}
+    )
+    shape = tuple(train.images.shape[1:])
+    log: dict[str, list] = {"sample_id": [], "timestep": [], "noise_seed": [], "step": [], "interval": []}
+    checkpoints = []
+    started = time.perf_counter()
+    model.train()
+    step = 0
+    interval = 0
+    bar = tqdm(total=total_steps, desc="train demo DDPM", disable=not progress)
+    for epoch in range(config.epochs):
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(derive_seed("epoch", config.seed, epoch))
+        )
+        for start in range(0, n, config.batch_size):
+            rows = order[start : start + config.batch_size]
+            step += 1
+            step_rng = torch.Generator().manual_seed(derive_seed("timesteps", config.seed, step))
+            timesteps = torch.randint(0, config.num_train_timesteps, (len(rows),), generator=step_rng)
+            seeds = [derive_seed("train-noise", config.seed, step, pos) for pos in range(len(rows))]
+            noise = torch.stack([noise_from_seed(s, shape) for s in seeds])
+            images = train.images[rows]
+            noisy = scheduler.add_noise(images, noise, timesteps)
+            loss = torch.nn.functional.mse_loss(model(noisy, timesteps).sample, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            log["sample_id"].extend(train.ids[i] for i in rows.tolist())
+            log["timestep"].extend(timesteps.tolist())
+            log["noise_seed"].extend(seeds)
+            log["step"].extend([step] * len(rows))
+            log["interval"].extend([interval] * len(rows))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+            if step in checkpoint_steps:
+                previous = checkpoint_steps[interval - 1] if interval else 0
+                weight = config.learning_rate * (step - previous)  # w_k: learning rate x steps covered
+                path = save_checkpoint(
+                    model, scheduler, out / "checkpoints" / f"checkpoint-{step}", weight, step
+                )
+                checkpoints.append({"path": str(path), "weight": weight, "step": step})
+                interval += 1
+    bar.close()
+    model.eval()
+    event_log = TrainingEventLog(
+        sample_id=np.array(log["sample_id"]),
+        timestep=np.array(log["timestep"], dtype=np.int64),
+        noise_seed=np.array(log["noise_seed"], dtype=np.int64),
+        step=np.array(log["step"], dtype=np.int64),
+        interval=np.array(log["interval"], dtype=np.int64),
+        checkpoint_steps=np.array(checkpoint_steps, dtype=np.int64),
+    )
+    events_path = event_log.save(out / "events.npz")
+    summary = {
+        "config": asdict(config),
+        "train": str(train_path),
+        "heldout": str(heldout_path),
+        "events": str(events_path),
+        "checkpoints": checkpoints,
+        "final_loss": float(loss.item()),
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,39 @@
+"""The exceptions retrac raises for bad input.
+
+Every error is a ``ValueError`` subclass whose message names the offending input and the remedy.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RetracError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "GradientError",
+    "StoreMismatchError",
+]
+
+
+class RetracError(ValueError):
+    """Base class of every error retrac raises for bad input or mismatched artifacts."""
+
+
+class ConfigError(RetracError):
+    """An option or argument has an invalid value."""
+
+
+class DataError(RetracError):
+    """Input images, labels or data files do not fit the model or are malformed."""
+
+
+class CheckpointError(RetracError):
+    """A checkpoint is missing, corrupt, or does not fit the other checkpoints."""
+
+
+class GradientError(RetracError):
+    """A per-sample gradient is not finite; the message names the sample and the event."""
+
+
+class StoreMismatchError(RetracError):
+    """A store or index was written with other settings than the ones it is reopened with."""

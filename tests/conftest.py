@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny diffusers UNets built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_tiny_unet(channels: int = 1, size: int = 8, num_class_embeds: int | None = None, seed: int = 0):
+    """A very small UNet2DModel with one attention block, seeded."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+def make_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 100):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type)
+
+
+@pytest.fixture
+def tiny_unet():
+    return make_tiny_unet()
+
+
+@pytest.fixture
+def scheduler():
+    return make_scheduler()
+
+
+@pytest.fixture
+def images():
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand((6, 1, 8, 8), generator=generator) * 2 - 1
