@@ -20,8 +20,8 @@ demo: setup
 	$(BIN)/retrac demo --out $(DEMO_OUT)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/pytest
