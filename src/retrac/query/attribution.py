@@ -1,0 +1,438 @@
+"""Building attribution indexes from a store, and the Attributor that answers queries against them.
+
+``build_attribution_index`` streams the train vectors ``U(z) = concat_k(w_k u_k(z))`` of a method
+out of a feature store into a FAISS inner-product index (and, with the kernel, accumulates
+``Phi_k^T Phi_k`` in blocks and saves the preconditioners beside the index). ``Attributor`` loads
+the task, checkpoints, projectors and indexes once and answers many queries with the *same*
+gradient code path as the indexer (``retrac.gradients.projected_gradients``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from retrac.checkpoints import load_unet, state_dict_sha256
+from retrac.errors import ConfigError, DataError, StoreMismatchError
+from retrac.events import derive_seed, noise_from_seed
+from retrac.gradients import projected_gradients
+from retrac.query.index import SearchIndex, build_index, load_index, save_index, search
+from retrac.query.vectors import KernelAccumulator, Method, query_vectors, train_vectors
+
+KERNEL_FILENAME = "kernel.npz"
+DEFAULT_BLOCK_ROWS = 4096
+QUERY_PRESETS = {"default": (10, 2), "fast": (4, 1), "paper": (100, 16)}
+
+
+@dataclass(frozen=True)
+class QueryEvents:
+    """The events of a query: ``T_q`` evenly spaced timesteps x ``M`` noise draws each.
+
+    Timestep ``j`` is ``tau_j = floor((j + 1/2) T / T_q)``; the noise of draw ``m`` at timestep ``j`` and
+    checkpoint ``k`` is ``noise_from_seed(derive_seed("retrac-query", seed, k, j, m))``, the same for every
+    query image (common random numbers make scores of different queries comparable). Presets:
+    ``default`` = 10 x 2, ``fast`` = 4 x 1, ``paper`` = 100 x 16 (the paper's setting).
+    """
+
+    num_timesteps: int = 10
+    num_noise: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_timesteps < 1 or self.num_noise < 1:
+            raise ConfigError(
+                f"query events {self.num_timesteps} x {self.num_noise}: give at least one timestep and one noise draw."
+            )
+
+    @classmethod
+    def preset(cls, name: str, seed: int = 0) -> QueryEvents:
+        if name not in QUERY_PRESETS:
+            raise ConfigError(f"query preset {name!r} is unknown; choose one of {', '.join(QUERY_PRESETS)}.")
+        t_q, m = QUERY_PRESETS[name]
+        return cls(t_q, m, seed)
+
+    def timesteps(self, num_train_timesteps: int) -> np.ndarray:
+        """``(T_q,)`` int64 ``tau_j``."""
+        if self.num_timesteps > num_train_timesteps:
+            raise ConfigError(f"T_q={self.num_timesteps} exceeds the scheduler's T={num_train_timesteps}.")
+        j = np.arange(self.num_timesteps)
+        return ((j + 0.5) * num_train_timesteps / self.num_timesteps).astype(np.int64)
+
+    def noise(self, checkpoint: int, shape: tuple[int, ...]) -> Tensor:
+        """``(T_q, M, *shape)`` noise of checkpoint ``checkpoint``."""
+        return torch.stack(
+            [
+                torch.stack(
+                    [
+                        noise_from_seed(derive_seed("retrac-query", self.seed, checkpoint, j, m), shape)
+                        for m in range(self.num_noise)
+                    ]
+                )
+                for j in range(self.num_timesteps)
+            ]
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _store_vectors(store, method: Method, k: int, block_rows: int):
+    """Yield ``(start, u_k)`` blocks of checkpoint ``k``: ``u_k`` is ``(n, d)`` float32, unweighted."""
+    ids = store.ids
+    for block in store.blocks(k, block_rows):
+        yield (
+            block.start,
+            train_vectors(
+                block.features, block.norms, method.vectors, block.valid, ids[block.start : block.stop]
+            ),
+        )
+
+
+def train_vector_blocks(store, method: Method, block_rows: int = DEFAULT_BLOCK_ROWS):
+    """Stream ``U(z) = concat_k(w_k u_k(z))`` of ``method`` in row blocks ``(n, K * d)`` float32.
+
+    Only one block of every checkpoint is in memory at a time.
+    """
+    weights = np.asarray(store.weights, dtype=np.float32)
+    streams = [_store_vectors(store, method, k, block_rows) for k in range(store.num_checkpoints)]
+    for parts in zip(*streams, strict=True):
+        yield np.concatenate([w * u for w, (_, u) in zip(weights, parts, strict=True)], axis=1)
+
+
+def _open_store(store):
+    from retrac.indexer.store import FeatureStore
+
+    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    store.require_complete()
+    return store
+
+
+def build_attribution_index(
+    store,
+    out: str | Path,
+    method: str | Method = "retrac",
+    kernel: float | None = None,
+    index: str = "auto",
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    device: str = "auto",
+    progress: bool = True,
+) -> SearchIndex:
+    """Build the FAISS inner-product index of ``method`` over a complete feature store.
+
+    Args:
+        store: a ``FeatureStore`` or its path.
+        out: the index directory (FAISS file, ``manifest.json`` and, with a kernel, ``kernel.npz``).
+        method: ``tracin``, ``retrac``, ``trak``, ``dtrak`` or a :class:`Method`.
+        kernel: ``c`` of the kernel (turns it on for tracin / retrac; default 0.1 for trak / dtrak).
+        index: ``auto``, ``flat``, ``ivf``, ``hnsw`` or a FAISS factory string.
+        block_rows: rows of the store read at a time.
+
+    Returns:
+        The built ``SearchIndex``; its manifest records the method, the store fingerprint, the
+        checkpoints' sha256 and weights, and the kernel's ``lambda_k``.
+    """
+    store = _open_store(store)
+    method = method if isinstance(method, Method) else Method.named(method, kernel)
+    method.check_objective(store.config.objective)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kernel_record = None
+    if method.uses_kernel:
+        # Kernel: (Phi_k^T Phi_k + lambda_k I)^-1, Phi_k the stacked u_k, accumulated block by block.
+        inverses, lambdas = [], []
+        for k in tqdm(range(store.num_checkpoints), desc="kernel", disable=not progress):
+            acc = KernelAccumulator(store.dim)
+            for _, u in _store_vectors(store, method, k, block_rows):
+                acc.add(u)
+            inverse, lam = acc.preconditioner(method.kernel_c)
+            inverses.append(inverse)
+            lambdas.append(lam)
+        tmp = out / f".{KERNEL_FILENAME}.tmp.npz"
+        np.savez(tmp, preconditioners=np.stack(inverses), lambdas=np.asarray(lambdas))
+        tmp.replace(out / KERNEL_FILENAME)
+        kernel_record = {"c": method.kernel_c, "lambdas": lambdas, "file": KERNEL_FILENAME}
+    dim = store.dim * store.num_checkpoints
+    built = build_index(
+        lambda: tqdm(
+            train_vector_blocks(store, method, block_rows),
+            desc=f"index {method.name}",
+            total=-(-store.num_samples // block_rows),
+            disable=not progress,
+        ),
+        num_vectors=store.num_samples,
+        dim=dim,
+        kind=index,
+        device=device,
+    )
+    save_index(built, out, _manifest(store, method, kernel_record))
+    return built
+
+
+def _manifest(store, method: Method, kernel_record: dict | None) -> dict:
+    return {
+        "method": method.to_dict(),
+        "kernel": kernel_record,
+        "store": {
+            "path": str(Path(store.path).resolve()),
+            "fingerprint": store.fingerprint,
+            "objective": store.config.objective,
+            "num_samples": store.num_samples,
+            "num_checkpoints": store.num_checkpoints,
+            "dim_per_checkpoint": store.dim,
+        },
+        "checkpoints": [{"sha256": c.sha256, "weight": c.weight} for c in store.checkpoints],
+    }
+
+
+@dataclass
+class AttributionResult:
+    """Top-k training samples for each query.
+
+    A score is ``I(z, z') = sum_k w_k <u_k(z), q_k(z')>`` (DESIGN section 1): the weighted inner
+    product of train and query gradient features. **Positive = proponent**: a gradient step on the
+    training sample ``z`` lowers the loss on the query ``z'``; **negative = opponent**. Scale: for
+    ``tracin`` it carries the checkpoint weights ``w_k`` (learning rate x steps) times squared
+    gradient magnitudes; for ``retrac`` every ``u_k`` and ``q_k`` is a mean of unit vectors, so a score
+    lies in ``[-sum_k w_k, sum_k w_k]``; with the kernel, scores are preconditioned (TRAK scale).
+    Scores are comparable across queries of one index, not across methods.
+
+    Attributes:
+        method: the method name (``tracin``, ``retrac``, ``trak``, ``dtrak``, ``<kind>+kernel``).
+        indices: ``(n_query, k)`` int64 training rows, best first.
+        scores: ``(n_query, k)`` float32, descending (proponents) or ascending (opponents).
+        ids: ``n_query`` lists of ``k`` training sample ids.
+        opponents: whether these are the most negative scores.
+    """
+
+    method: str
+    indices: np.ndarray
+    scores: np.ndarray
+    ids: list[list[str]]
+    opponents: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "opponents": self.opponents,
+            "indices": self.indices.tolist(),
+            "scores": self.scores.tolist(),
+            "ids": self.ids,
+            "score_meaning": "I(z, z') = sum_k w_k <u_k(z), q_k(z')>; positive = proponent, negative = opponent",
+        }
+
+
+@dataclass
+class _LoadedIndex:
+    directory: Path
+    manifest: dict
+    method: Method
+    index: SearchIndex
+    preconditioners: np.ndarray | None = None  # (K, d, d) float64
+
+
+@dataclass
+class Attributor:
+    """Loads a store's task, checkpoints, projectors and one or more indexes once; answers many queries.
+
+    Args:
+        indexes: index directories built from one store (e.g. a TracIn and a ReTrac index).
+        store: the store path; default the path recorded in the first manifest.
+        query_events: ``T_q x M`` query events (default 10 x 2; ``QueryEvents.preset("paper")`` = 100 x 16).
+        device: torch device for the gradients (``"cpu"``, ``"cuda"``).
+        batch_size: query images per gradient batch.
+    """
+
+    indexes: list[str | Path] | str | Path
+    store: str | Path | None = None
+    query_events: QueryEvents = field(default_factory=QueryEvents)
+    device: str = "cpu"
+    batch_size: int = 8
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        dirs = [self.indexes] if isinstance(self.indexes, (str, Path)) else list(self.indexes)
+        if not dirs:
+            raise ConfigError("give at least one index directory.")
+        manifests = [_read_manifest(Path(d)) for d in dirs]
+        store_path = self.store or manifests[0]["store"]["path"]
+        self._store = _open_store(store_path)
+        self._loaded: dict[str, _LoadedIndex] = {}
+        for directory, manifest in zip(dirs, manifests, strict=True):
+            method = Method(**manifest["method"])
+            expect = _manifest(self._store, method, manifest.get("kernel"))
+            expect["store"].pop("path")  # the store may have moved; its fingerprint must match
+            index = load_index(directory, expect=expect)
+            preconditioners = None
+            if method.uses_kernel:
+                with np.load(Path(directory) / KERNEL_FILENAME) as kernel:
+                    preconditioners = kernel["preconditioners"]
+            if method.name in self._loaded:
+                raise ConfigError(f"two indexes of method {method.name!r}; give one index per method.")
+            self._loaded[method.name] = _LoadedIndex(
+                Path(directory), manifest, method, index, preconditioners
+            )
+        self._tasks = [self._load_checkpoint(k) for k in range(self._store.num_checkpoints)]
+        self._projectors = [self._store.projector(k, task) for k, task in enumerate(self._tasks)]
+        self._cache_key: str | None = None
+        self._cache: list[np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ loading
+    def _load_checkpoint(self, k: int):
+        from retrac.checkpoints import load_scheduler
+        from retrac.task import DiffusionTask
+
+        ckpt = self._store.checkpoints[k]
+        model = load_unet(ckpt.path)
+        actual = state_dict_sha256(model.state_dict())
+        if actual != ckpt.sha256:
+            raise StoreMismatchError(
+                f"checkpoint {ckpt.path!r} has sha256 {actual[:12]}..., the store was built from "
+                f"{ckpt.sha256[:12]}...: the weights changed since indexing; restore them or re-index."
+            )
+        cfg = self._store.config
+        return DiffusionTask(
+            model.to(self.device),
+            load_scheduler(ckpt.path),
+            cfg.objective,
+            list(cfg.include) or None,
+            list(cfg.exclude) or None,
+        )
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self._loaded)
+
+    @property
+    def train_ids(self) -> list[str]:
+        return self._store.ids
+
+    @property
+    def feature_store(self):
+        return self._store
+
+    @property
+    def task(self):
+        """The task at the last checkpoint (e.g. for sampling new images)."""
+        return self._tasks[-1]
+
+    # ------------------------------------------------------------------ queries
+    def query_features(self, images: Tensor, class_labels: Tensor | None = None) -> list[np.ndarray]:
+        """Projected query gradients per checkpoint: ``K`` arrays ``(n_query, T_q, M, d)`` float32."""
+        images = torch.as_tensor(images, dtype=torch.float32)
+        self._tasks[0].check_images(images, "query images")
+        key = hashlib.sha256(
+            images.numpy().tobytes() + (b"" if class_labels is None else class_labels.numpy().tobytes())
+        ).hexdigest()
+        if key == self._cache_key and self._cache is not None:
+            return self._cache
+        ev = self.query_events
+        n, t_q, m = images.shape[0], ev.num_timesteps, ev.num_noise
+        out = []
+        bar = tqdm(
+            total=n * len(self._tasks), desc="query gradients", unit="query", disable=not self.progress
+        )
+        for k, (task, projector) in enumerate(zip(self._tasks, self._projectors, strict=True)):
+            taus = torch.from_numpy(ev.timesteps(task.num_train_timesteps))
+            noise = ev.noise(k, tuple(images.shape[1:])).reshape(t_q * m, *images.shape[1:])
+            feats = np.zeros((n, t_q, m, projector.dim), dtype=np.float32)
+            for start in range(0, n, self.batch_size):
+                batch = images[start : start + self.batch_size]
+                b = batch.shape[0]
+                timesteps = taus.repeat_interleave(m).expand(b, t_q * m)
+                labels = None if class_labels is None else class_labels[start : start + b]
+                phi, _ = projected_gradients(
+                    task,
+                    projector,
+                    batch,
+                    timesteps,
+                    noise.expand(b, *noise.shape),
+                    labels,
+                    sample_ids=[f"query {start + i}" for i in range(b)],
+                )
+                feats[start : start + b] = phi.numpy().reshape(b, t_q, m, -1)
+                bar.update(b)
+            out.append(feats)
+        bar.close()
+        self._cache_key, self._cache = key, out
+        return out
+
+    def query_vectors(
+        self, images: Tensor, method: str | None = None, class_labels: Tensor | None = None
+    ) -> np.ndarray:
+        """``Q(z') = concat_k(q_k(z'))`` of ``method``: ``(n_query, K * d)`` float32 (kernel applied)."""
+        loaded = self._method(method)
+        parts = []
+        for k, feats in enumerate(self.query_features(images, class_labels)):
+            q = query_vectors(feats, loaded.method.vectors)
+            if loaded.preconditioners is not None:
+                # Kernel folded into the query: q_k <- (Phi_k^T Phi_k + lambda_k I)^-1 q_k
+                q = (q.astype(np.float64) @ loaded.preconditioners[k].T).astype(np.float32)
+            parts.append(q)
+        return np.concatenate(parts, axis=1)
+
+    def attribute(
+        self,
+        images: Tensor,
+        k: int = 10,
+        method: str | None = None,
+        opponents: bool = False,
+        class_labels: Tensor | None = None,
+    ) -> AttributionResult:
+        """Top-``k`` proponents (or opponents) of each query image under ``method``.
+
+        Args:
+            images: ``(n_query, C, H, W)`` in ``[-1, 1]``, shaped as the model's inputs.
+            k: results per query (at most the number of training samples).
+            method: one of :attr:`methods`; may be omitted when only one index is loaded.
+            opponents: return the most negative scores instead of the most positive.
+            class_labels: ``(n_query,)`` labels for a class-conditional model.
+
+        Returns:
+            An :class:`AttributionResult` with ``(n_query, k)`` indices and scores.
+        """
+        loaded = self._method(method)
+        if not 1 <= k <= self._store.num_samples:
+            raise ConfigError(
+                f"k={k} must lie in [1, {self._store.num_samples}] (the number of training samples)."
+            )
+        queries = self.query_vectors(images, loaded.method.name, class_labels)
+        scores, indices = search(loaded.index, queries, k, opponents=opponents)
+        ids = self._store.ids
+        return AttributionResult(
+            method=loaded.method.name,
+            indices=indices,
+            scores=scores,
+            ids=[[ids[i] for i in row] for row in indices.tolist()],
+            opponents=opponents,
+        )
+
+    def _method(self, method: str | None) -> _LoadedIndex:
+        if method is None:
+            if len(self._loaded) != 1:
+                raise ConfigError(f"several indexes are loaded ({', '.join(self._loaded)}); name the method.")
+            return next(iter(self._loaded.values()))
+        if method not in self._loaded:
+            raise ConfigError(f"no index of method {method!r} is loaded; loaded: {', '.join(self._loaded)}.")
+        return self._loaded[method]
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise DataError(
+            f"{str(directory)!r} holds no manifest.json: not a retrac index; build one with `retrac build`."
+        )
+    manifest = json.loads(path.read_text())
+    if "method" not in manifest or "store" not in manifest:
+        raise DataError(
+            f"{str(path)!r} is not an attribution index manifest (no method / store); build it with `retrac build`."
+        )
+    return manifest

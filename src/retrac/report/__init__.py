@@ -1,0 +1,1 @@
+"""HTML reports with PNG images: attribution side by side, bias figures, audits."""

@@ -1,0 +1,61 @@
+"""Building blocks of retrac's HTML reports: PNG thumbnails, image cells, pages."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+td, th { border: 1px solid #ddd; padding: 4px 6px; vertical-align: top; text-align: center; }
+th { background: #f4f4f4; }
+.cell { display: inline-block; margin: 2px; font-size: 0.72em; }
+.cell img { display: block; image-rendering: pixelated; border: 1px solid #bbb; }
+.method { font-weight: 600; }
+.note { color: #555; font-size: 0.9em; max-width: 60em; }
+.flag { background: #fde2e1; }
+"""
+
+
+def save_png(image: Tensor | np.ndarray, path: str | Path, size: int = 64) -> Path:
+    """Write one image ``(C, H, W)`` in ``[-1, 1]`` as a PNG scaled (nearest) to ``size`` pixels high."""
+    from PIL import Image
+
+    array = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+    array = ((np.clip(array, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    array = array[0] if array.shape[0] == 1 else np.moveaxis(array[:3], 0, -1)
+    picture = Image.fromarray(array)
+    scale = max(1, size // picture.height)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path
+
+
+def image_cell(src: str, caption_lines: Sequence[str], css_class: str = "cell") -> str:
+    """An image with caption lines under it (``src`` relative to the page)."""
+    caption = "<br>".join(html.escape(line) for line in caption_lines)
+    return f'<div class="{css_class}"><img src="{html.escape(src)}" alt="{html.escape(caption_lines[0] if caption_lines else "")}">{caption}</div>'
+
+
+def page(title: str, body: str) -> str:
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+
+
+def write_page(path: str | Path, title: str, body: str) -> Path:
+    """Write an HTML page atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(page(title, body), encoding="utf-8")
+    tmp.replace(path)
+    return path
