@@ -30,9 +30,21 @@ callable returning a fresh iterable, or a list), a uniform random sample of all 
 pass (bottom-k sampling on seeded random keys, memory = the sample); otherwise (a one-shot
 iterator) the first ``train_size`` rows, which is biased when the rows are ordered (by class, say).
 
-Default search parameters: after adding, ``build_index`` searches ``NUM_CALIBRATION_QUERIES`` (256)
-calibration queries (``calibration_queries``, else sample rows plus isotropic noise of the same
-norm) and takes the smallest ``nprobe`` (IVF) or ``efSearch`` (HNSW) on a doubling ladder whose
+Norm augmentation (IVF indexes): inner-product search over vectors of unequal norms is hard for
+a partition, because the top inner products of a query are large-norm vectors from many directions.
+IVF indexes therefore store each vector ``x`` with one extra coordinate ``sqrt(M^2 - ||x||^2)``
+(``M`` = the largest norm in the training sample; 0 for rows above it) and pad every query with a 0
+(the MIPS-to-nearest-neighbour reduction of Bachrach et al., RecSys 2014). Scores are unchanged
+(exact inner products ``<U(z), Q(z')>`` over the first ``D`` coordinates, which IVF-Flat returns
+exactly), but the stored vectors now lie on one sphere, so the spherical k-means partitions them by
+direction *and* norm and a query probes only the cells of large-norm vectors in its direction. On
+clustered data with a log-normal norm spread it reaches a given recall scanning several times fewer
+vectors than plain IP IVF. It is on for IVF factories without PQ codes (``mips_augment=None``); PQ
+needs ``D`` divisible by its sub-quantizer count, so it is off there unless asked for.
+
+Default search parameters: after adding, ``build_index`` searches calibration queries
+(``calibration_queries``, else ``NUM_CALIBRATION_QUERIES / 2`` = 128 sample rows plus isotropic noise
+of the same norm), each both as ``Q`` and as ``-Q`` (proponents and opponents), and takes the smallest ``nprobe`` (IVF) or ``efSearch`` (HNSW) on a doubling ladder whose
 recall@10 against the exact top 10 (computed by brute force during the same add pass) reaches
 ``target_recall + CALIBRATION_MARGIN`` (0.95 + 0.02). That value and the measured recall are stored
 in ``SearchIndex.search_params`` / ``SearchIndex.recall`` and in the manifest; every approximate
@@ -273,6 +285,8 @@ class SearchIndex:
         recall: The calibration result (``recall_at_10`` of the defaults against exact search,
             number of queries, target), or ``None`` for an exact index.
         device: ``"auto"``, ``"cpu"`` or ``"gpu"`` (see the module docstring).
+        mips_max_norm: ``M`` of the norm augmentation (module docstring), or ``None`` when the
+            stored vectors are the train vectors themselves.
     """
 
     index: faiss.Index
@@ -283,6 +297,7 @@ class SearchIndex:
     search_params: dict[str, Any] = field(default_factory=dict)
     recall: dict[str, Any] | None = None
     device: str = "auto"
+    mips_max_norm: float | None = None
     _gpu_index: Any = field(default=None, init=False, repr=False)
     _gpu_tried: bool = field(default=False, init=False, repr=False)
 
@@ -368,6 +383,11 @@ class SearchIndex:
 
 
 def _set_search_params(searcher: faiss.Index, on_gpu: bool, params: dict[str, Any]) -> None:
+    params = dict(params)
+    ivf = _ivf_of(searcher) if not on_gpu else None
+    if ivf is not None and "nprobe" in params and _hnsw_of(ivf.quantizer) is not None:
+        # an HNSW coarse quantizer must return nprobe lists: its efSearch has to be >= nprobe
+        params.setdefault("quantizer_efSearch", max(2 * int(params["nprobe"]), 64))
     space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
     for name, value in params.items():
         space.set_index_parameter(searcher, name, value)
@@ -620,6 +640,8 @@ def search(
             f"index is a {type(index).__name__}; pass the SearchIndex from build_index or load_index."
         )
     queries = _as_queries(queries, index.dim)
+    if index.mips_max_norm is not None:
+        queries = _pad_queries(queries)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > index.num_vectors:
         raise ConfigError(
             f"k={k!r} must be an integer in [1, {index.num_vectors}] (the number of vectors in the index)."
@@ -652,7 +674,7 @@ def search(
         )
     _set_search_params(searcher, on_gpu, params)
     sign = -1.0 if opponents else 1.0
-    scores, indices = searcher.search(sign * queries if opponents else queries, int(k))
+    scores, indices = searcher.search(sign * queries if opponents else queries, int(k))  # <U(z), +-Q(z')>
     scores = (sign * scores).astype(np.float32)  # back to <U(z), Q(z')>
     indices = indices.astype(np.int64)
     scores[indices < 0] = np.nan
@@ -684,6 +706,18 @@ def _bottom_k_sample(blocks: Blocks, dim: int, size: int, seed: int) -> tuple[np
             keep.sort()
             keys, sample = keys[keep], sample[keep]
     return sample, offset
+
+
+def _augment(block: np.ndarray, max_norm: float) -> np.ndarray:
+    """Append ``sqrt(M^2 - ||x||^2)`` (0 above ``M``) to each row ``(n, D) -> (n, D + 1)``."""
+    squared = np.einsum("ij,ij->i", block, block, dtype=np.float64)
+    extra = np.sqrt(np.maximum(max_norm * max_norm - squared, 0.0)).astype(np.float32)
+    return np.ascontiguousarray(np.hstack([block, extra[:, None]]), dtype=np.float32)
+
+
+def _pad_queries(queries: np.ndarray) -> np.ndarray:
+    """Append a 0 to each query ``(n, D) -> (n, D + 1)``: inner products with augmented rows are unchanged."""
+    return np.ascontiguousarray(np.hstack([queries, np.zeros((queries.shape[0], 1), np.float32)]))
 
 
 def _calibration_queries(sample: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -737,6 +771,7 @@ def build_index(
     memory_budget_bytes: int | None = None,
     target_recall: float | None = DEFAULT_TARGET_RECALL,
     calibration_queries: np.ndarray | None = None,
+    mips_augment: bool | None = None,
     seed: int = 0,
     device: str = "auto",
     progress: bool = False,
@@ -762,6 +797,8 @@ def build_index(
             defaults (``nprobe = nlist / 16``, ``efSearch = 128``).
         calibration_queries: ``(n, D)`` query vectors for the calibration; default
             ``NUM_CALIBRATION_QUERIES`` sample rows plus noise.
+        mips_augment: Store vectors with the norm-augmenting coordinate (module docstring); default
+            on for IVF indexes without PQ codes, off otherwise. Needs a trained (IVF) index.
         seed: Seed of the training sample and calibration queries.
         device: ``"auto"``, ``"cpu"`` or ``"gpu"`` for searches (module docstring).
         progress: Show a tqdm progress bar over the rows added.
@@ -782,6 +819,14 @@ def build_index(
     budget = default_memory_budget() if memory_budget_bytes is None else int(memory_budget_bytes)
     kind, factory = _resolve_kind(kind, num_vectors, dim, nlist, hnsw_m, budget)
     faiss_index = _make_index(factory, dim, kind)
+    if mips_augment is None:
+        mips_augment = _ivf_of(faiss_index) is not None and "PQ" not in factory.upper()
+    if mips_augment:
+        if faiss_index.is_trained:
+            raise ConfigError(
+                f"mips_augment=True needs an index that is trained (IVF...), not {factory!r}; drop it."
+            )
+        faiss_index = _make_index(factory, dim + 1, kind)
     build_params: dict[str, Any] = {"seed": int(seed)}
     if kind == "auto":
         build_params["memory_budget_bytes"] = budget
@@ -829,19 +874,25 @@ def build_index(
             sample = np.concatenate(pending)[:size] if pending else np.zeros((0, dim), np.float32)
             build_params["train_sample"] = "prefix"
         build_params["train_rows"] = int(sample.shape[0])
+        if mips_augment:
+            max_norm = float(
+                np.sqrt(np.einsum("ij,ij->i", sample, sample, dtype=np.float64).max(initial=0.0))
+            )
+            build_params["mips_max_norm"] = max_norm
         if sample.shape[0] < build_params.get("nlist", 1):
             raise DataError(
                 f"{sample.shape[0]} training rows for {build_params.get('nlist')} IVF lists; give more "
                 "vectors or fewer lists."
             )
-        faiss_index.train(sample)
+        faiss_index.train(_augment(sample, max_norm) if mips_augment else sample)
 
     calibrate = target_recall is not None and not isinstance(
         faiss.downcast_index(faiss_index), faiss.IndexFlat
     )
     top: _ExactTopK | None = None
     if calibrate and calibration_queries is not None:
-        top = _ExactTopK(_as_queries(calibration_queries, dim), CALIBRATION_K)
+        given = _as_queries(calibration_queries, dim)
+        top = _ExactTopK(np.vstack([given, -given]), CALIBRATION_K)  # proponents and opponents
 
     if stream is None:
         stream = _iterate(blocks)
@@ -860,8 +911,9 @@ def build_index(
             )
         if calibrate and top is None:
             pool = sample if sample is not None and sample.shape[0] else array
-            top = _ExactTopK(_calibration_queries(pool, NUM_CALIBRATION_QUERIES, seed), CALIBRATION_K)
-        faiss_index.add(array)
+            drawn = _calibration_queries(pool, NUM_CALIBRATION_QUERIES // 2, seed)
+            top = _ExactTopK(np.vstack([drawn, -drawn]), CALIBRATION_K)  # proponents and opponents
+        faiss_index.add(_augment(array, max_norm) if mips_augment else array)
         if top is not None:
             top.update(array, added)
         added += array.shape[0]
@@ -874,7 +926,9 @@ def build_index(
             f"the blocks hold {added} rows but num_vectors={num_vectors}; pass the true row count."
         )
 
-    result = SearchIndex(faiss_index, kind, factory, dim, build_params, {}, None, device)
+    result = SearchIndex(
+        faiss_index, kind, factory, dim, build_params, {}, None, device, build_params.get("mips_max_norm")
+    )
     if not calibrate:
         if ivf is not None:
             result.search_params = {"nprobe": max(1, int(ivf.nlist) // 16)}
@@ -1049,18 +1103,22 @@ def load_index(
         )
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
     faiss_index = faiss.read_index(str(path), flags)
-    if faiss_index.d != manifest.get("dim") or faiss_index.ntotal != manifest.get("num_vectors"):
+    build_params = dict(manifest.get("build_params") or {})
+    max_norm = build_params.get("mips_max_norm")
+    stored_dim = manifest.get("dim", -1) + (0 if max_norm is None else 1)
+    if faiss_index.d != stored_dim or faiss_index.ntotal != manifest.get("num_vectors"):
         raise DataError(
             f"{path} holds {faiss_index.ntotal} vectors of dimension {faiss_index.d}, its manifest says "
-            f"{manifest.get('num_vectors')} of {manifest.get('dim')}; build the index again."
+            f"{manifest.get('num_vectors')} of {stored_dim}; build the index again."
         )
     return SearchIndex(
         faiss_index,
         manifest["kind"],
         manifest["factory"],
         int(manifest["dim"]),
-        dict(manifest.get("build_params") or {}),
+        build_params,
         dict(manifest.get("search_params") or {}),
         manifest.get("recall"),
         device,
+        None if max_norm is None else float(max_norm),
     )
