@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_scheduler, make_tiny_unet
 
+from conftest import make_scheduler, make_tiny_unet
 from retrac import DiffusionTask
 from retrac.checkpoints import save_checkpoint
 from retrac.data import ImageDataset
@@ -33,8 +33,12 @@ def setup(tmp_path_factory):
         for k, w in enumerate(WEIGHTS)
     ]
     generator = torch.Generator().manual_seed(0)
-    data = ImageDataset(torch.rand(N_TRAIN, 1, 8, 8, generator=generator) * 2 - 1, [f"z{i}" for i in range(N_TRAIN)])
-    config = IndexConfig(events=f"stratified:{S}", projector="exact", seed=SEED, include=INCLUDE, shard_rows=8)
+    data = ImageDataset(
+        torch.rand(N_TRAIN, 1, 8, 8, generator=generator) * 2 - 1, [f"z{i}" for i in range(N_TRAIN)]
+    )
+    config = IndexConfig(
+        events=f"stratified:{S}", projector="exact", seed=SEED, include=INCLUDE, shard_rows=8
+    )
     store = featurize_dataset(paths, data, root / "store", config, progress=False)
     queries = torch.rand(3, 1, 8, 8, generator=generator) * 2 - 1
     indexes = {}
@@ -42,7 +46,14 @@ def setup(tmp_path_factory):
         name = method if kernel is None else f"{method}+kernel"
         indexes[name] = root / f"index-{name}"
         build_attribution_index(store, indexes[name], method, kernel=kernel, index="flat", progress=False)
-    return {"root": root, "paths": paths, "data": data, "store": store, "queries": queries, "indexes": indexes}
+    return {
+        "root": root,
+        "paths": paths,
+        "data": data,
+        "store": store,
+        "queries": queries,
+        "indexes": indexes,
+    }
 
 
 def _gradient(task: DiffusionTask, image, t: int, noise) -> np.ndarray:
@@ -53,35 +64,58 @@ def _gradient(task: DiffusionTask, image, t: int, noise) -> np.ndarray:
     return torch.cat([g.reshape(-1) for g in grads]).double().numpy()
 
 
-def _reference(setup, kind: str):
-    """u_k for every train sample and q_k for every query, from raw gradients (DESIGN section 1)."""
-    data, queries = setup["data"], setup["queries"]
-    store = setup["store"]
-    u_all, q_all = [], []
-    for k, path in enumerate(setup["paths"]):
-        from retrac.checkpoints import load_scheduler, load_unet
+@pytest.fixture(scope="module")
+def raw_gradients(setup):
+    """Per-event gradients with plain autograd: per checkpoint, train ``(N, S, P)`` and query ``(n, T_q, M, P)``."""
+    from retrac.checkpoints import load_scheduler, load_unet
 
+    data, queries, store = setup["data"], setup["queries"], setup["store"]
+    train, query = [], []
+    for k, path in enumerate(setup["paths"]):
         task = DiffusionTask(load_unet(path), load_scheduler(path), include=INCLUDE)
         timesteps = store.timesteps(k)
-        u = []
-        for i, sample_id in enumerate(data.ids):
-            grads = [
-                _gradient(task, data.images[i], int(timesteps[i, e]), noise_from_seed(event_noise_seed(SEED, k, sample_id, e), (1, 8, 8)))
-                for e in range(S)
-            ]
-            if kind == "retrac":
-                grads = [g / np.linalg.norm(g) for g in grads]  # phi / n_k
-            u.append(np.mean(grads, axis=0))
-        u_all.append(np.stack(u))
-        taus = QUERY_EVENTS.timesteps(100)
-        noise = QUERY_EVENTS.noise(k, (1, 8, 8))
-        q = []
-        for image in queries:
-            g = [np.mean([_gradient(task, image, int(tau), noise[j, m]) for m in range(2)], axis=0) for j, tau in enumerate(taus)]
-            if kind == "retrac":
-                g = [gj / np.linalg.norm(gj) for gj in g]
-            q.append(np.mean(g, axis=0))
-        q_all.append(np.stack(q))
+        train.append(
+            np.stack(
+                [
+                    [
+                        _gradient(
+                            task,
+                            data.images[i],
+                            int(timesteps[i, e]),
+                            noise_from_seed(event_noise_seed(SEED, k, sid, e), (1, 8, 8)),
+                        )
+                        for e in range(S)
+                    ]
+                    for i, sid in enumerate(data.ids)
+                ]
+            )
+        )
+        taus, noise = QUERY_EVENTS.timesteps(100), QUERY_EVENTS.noise(k, (1, 8, 8))
+        query.append(
+            np.stack(
+                [
+                    [
+                        [_gradient(task, image, int(tau), noise[j, m]) for m in range(QUERY_EVENTS.num_noise)]
+                        for j, tau in enumerate(taus)
+                    ]
+                    for image in queries
+                ]
+            )
+        )
+    return train, query
+
+
+def _reference(raw_gradients, kind: str):
+    """u_k for every train sample and q_k for every query, from raw gradients (DESIGN section 1)."""
+    u_all, q_all = [], []
+    for train, query in zip(*raw_gradients, strict=True):
+        if kind == "retrac":
+            train = train / np.linalg.norm(train, axis=-1, keepdims=True)  # phi / n_k
+        u_all.append(train.mean(axis=1))  # mean over events
+        g = query.mean(axis=2)  # g_kj = mean_m grad
+        if kind == "retrac":
+            g = g / np.linalg.norm(g, axis=-1, keepdims=True)  # g_kj / ||g_kj||
+        q_all.append(g.mean(axis=1))  # mean over timesteps
     return u_all, q_all
 
 
@@ -97,8 +131,8 @@ def _all_scores(result, n_train: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["tracin", "retrac"])
-def test_exact_flat_scores_equal_design_formulas(setup, attributor, kind):
-    u_all, q_all = _reference(setup, kind)
+def test_exact_flat_scores_equal_design_formulas(setup, attributor, raw_gradients, kind):
+    u_all, q_all = _reference(raw_gradients, kind)
     expected = sum(w * q @ u.T for w, u, q in zip(WEIGHTS, u_all, q_all, strict=True))  # sum_k w_k <u_k, q_k>
     result = attributor.attribute(setup["queries"], k=N_TRAIN, method=kind)
     got = _all_scores(result, N_TRAIN)
@@ -109,8 +143,8 @@ def test_exact_flat_scores_equal_design_formulas(setup, attributor, kind):
 
 
 @pytest.mark.parametrize(("method", "kind", "c"), [("trak", "tracin", 0.1), ("retrac+kernel", "retrac", 0.2)])
-def test_kernel_scores_equal_sample_space_push_through(setup, attributor, method, kind, c):
-    u_all, q_all = _reference(setup, kind)
+def test_kernel_scores_equal_sample_space_push_through(setup, attributor, raw_gradients, method, kind, c):
+    u_all, q_all = _reference(raw_gradients, kind)
     expected = 0
     for w, phi, q in zip(WEIGHTS, u_all, q_all, strict=True):
         lam = c * np.mean((phi**2).sum(axis=1))  # lambda_k = c * mean_z ||u_k(z)||^2
@@ -127,13 +161,17 @@ def test_flat_scores_equal_brute_force_over_store_vectors(setup, attributor):
         brute = queries @ train.T
         result = attributor.attribute(setup["queries"], k=10, method=method)
         np.testing.assert_array_equal(result.indices, np.argsort(-brute, axis=1)[:, :10])
-        np.testing.assert_allclose(result.scores, np.take_along_axis(brute, result.indices, axis=1), rtol=1e-5)
+        np.testing.assert_allclose(
+            result.scores, np.take_along_axis(brute, result.indices, axis=1), rtol=1e-5
+        )
 
 
 def test_retrac_scores_are_bounded_by_the_weights(setup, attributor):
     bound = sum(WEIGHTS)
     for opponents in (False, True):
-        scores = attributor.attribute(setup["queries"], k=N_TRAIN, method="retrac", opponents=opponents).scores
+        scores = attributor.attribute(
+            setup["queries"], k=N_TRAIN, method="retrac", opponents=opponents
+        ).scores
         assert np.abs(scores).max() <= bound + 1e-5
 
 
@@ -175,7 +213,9 @@ def test_method_presets_and_objective_checks(setup, tmp_path):
     with pytest.raises(StoreMismatchError, match="--objective sqnorm"):
         build_attribution_index(setup["store"], tmp_path / "d", "dtrak", progress=False)
     with pytest.raises(ConfigError):
-        build_attribution_index(setup["store"], tmp_path / "f", "tracin", index="NotAFactory,Foo", progress=False)
+        build_attribution_index(
+            setup["store"], tmp_path / "f", "tracin", index="NotAFactory,Foo", progress=False
+        )
 
 
 def test_bad_queries_raise(setup, attributor):
@@ -195,7 +235,9 @@ def test_bad_queries_raise(setup, attributor):
 
 def test_index_of_another_store_is_refused(setup, tmp_path):
     other_data = setup["data"].subset(range(N_TRAIN - 1))
-    config = IndexConfig(events=f"stratified:{S}", projector="exact", seed=SEED, include=INCLUDE, shard_rows=8)
+    config = IndexConfig(
+        events=f"stratified:{S}", projector="exact", seed=SEED, include=INCLUDE, shard_rows=8
+    )
     other = featurize_dataset(setup["paths"], other_data, tmp_path / "other", config, progress=False)
     with pytest.raises(StoreMismatchError):
         Attributor(setup["indexes"]["tracin"], store=other.path, progress=False)
