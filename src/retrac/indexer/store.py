@@ -1,0 +1,404 @@
+"""The feature store (DESIGN section 3): one Zarr v3 group per featurization.
+
+Layout of a store ``STORE/``::
+
+    zarr.json                          root group; attributes below
+    ids                                (N,) str       sample ids, in row order
+    checkpoint-KK/features             (N, S, d)      float16 | float32   phi_k(z, e)
+    checkpoint-KK/norms                (N, S)         float32             n_k(z, e)
+    checkpoint-KK/timesteps            (N, S)         int32               t of each event (-1: padding)
+    checkpoint-KK/valid                (N, S)         bool                False for replay padding slots
+    ledger/checkpoint-KK/shard-SSSSSS.json            completion ledger: one entry per shard of rows
+
+Rows are split into shards of ``shard_rows`` samples. A shard is the unit of work: one writer
+computes it whole and writes each array's region of it, which is exactly one Zarr shard (``features``,
+inner chunks of at least about 1 MB) or one chunk (the small arrays), so two writers never share a
+file. Only then is the ledger entry written (temp file + ``os.replace``); a shard without an
+entry may be torn and is rewritten whole by a resumed run.
+
+Root attributes: ``format`` (name, version), ``config`` (:class:`IndexConfig` less runtime
+fields), ``task``, ``projectors`` (per checkpoint: kind, dim, seed, backend, norm kind),
+``norm_kind``, ``events`` (the resolved schedule with ``num_events``), ``checkpoints`` (path,
+weight, sha256, step), ``dataset`` (size, fingerprint, source), ``layout`` and library ``versions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrac.checkpoints import Checkpoint
+from retrac.errors import ConfigError, DataError, StoreMismatchError
+from retrac.indexer.config import IndexConfig
+
+FORMAT_NAME = "retrac-feature-store"
+FORMAT_VERSION = 1
+MIN_CHUNK_BYTES = 1 << 20
+LOCATION_KEYS = ("path", "log", "source")  # where things live, not what they are: not compared
+COMPARED_KEYS = ("format", "config", "task", "projectors", "events", "checkpoints", "dataset")
+
+
+def checkpoint_group(k: int) -> str:
+    return f"checkpoint-{k:02d}"
+
+
+def chunk_rows_for(shard_rows: int, row_bytes: int) -> int:
+    """The smallest divisor of ``shard_rows`` whose chunk holds at least ``MIN_CHUNK_BYTES``."""
+    for rows in range(1, shard_rows + 1):
+        if shard_rows % rows == 0 and rows * row_bytes >= MIN_CHUNK_BYTES:
+            return rows
+    return shard_rows
+
+
+def _strip_locations(value):
+    if isinstance(value, dict):
+        return {k: _strip_locations(v) for k, v in value.items() if k not in LOCATION_KEYS}
+    if isinstance(value, list):
+        return [_strip_locations(v) for v in value]
+    return value
+
+
+def comparable(attrs: dict) -> dict:
+    """The part of a store's attributes that identifies its content (no file locations, no versions)."""
+    return _strip_locations({k: attrs.get(k) for k in COMPARED_KEYS})
+
+
+def fingerprint_of(attrs: dict) -> str:
+    """sha256 of the canonical JSON of :func:`comparable` ``(attrs)``."""
+    text = json.dumps(comparable(attrs), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def differences(stored, given, where: str = "") -> list[str]:
+    """Human-readable differences between two attribute trees, one line per differing leaf."""
+    if isinstance(stored, dict) and isinstance(given, dict):
+        out = []
+        for key in sorted(set(stored) | set(given), key=str):
+            name = f"{where}.{key}" if where else str(key)
+            if key not in stored:
+                out.append(f"{name}: not in the store, given {given[key]!r}")
+            elif key not in given:
+                out.append(f"{name}: stored {stored[key]!r}, not given")
+            else:
+                out.extend(differences(stored[key], given[key], name))
+        return out
+    if isinstance(stored, list) and isinstance(given, list) and len(stored) == len(given):
+        out = []
+        for i, (a, b) in enumerate(zip(stored, given, strict=True)):
+            out.extend(differences(a, b, f"{where}[{i}]"))
+        return out
+    if stored != given:
+        return [f"{where}: stored {stored!r}, given {given!r}"]
+    return []
+
+
+@dataclass
+class FeatureBlock:
+    """Rows ``[start, stop)`` of one checkpoint, as float32 / int32 / bool numpy arrays."""
+
+    start: int
+    stop: int
+    features: np.ndarray  # (n, S, d) float32
+    norms: np.ndarray  # (n, S) float32
+    timesteps: np.ndarray  # (n, S) int32
+    valid: np.ndarray  # (n, S) bool
+
+
+class FeatureStore:
+    """A featurization on disk: read API for the query side, shard writes for the indexer.
+
+    Open an existing store with :meth:`open`. Attributes: ``attrs`` (root attributes), ``config``
+    (:class:`IndexConfig`), ``checkpoints`` (:class:`Checkpoint` list), ``ids``, ``num_samples``,
+    ``num_checkpoints``, ``num_events`` (``S``), ``dim`` (``d``), ``norm_kind``, ``fingerprint``.
+    """
+
+    def __init__(self, path: Path, group) -> None:
+        self.path = path
+        self._group = group
+        self.attrs: dict = dict(group.attrs)
+        self.config = IndexConfig.from_dict(self.attrs["config"])
+        self.checkpoints = [Checkpoint(**c) for c in self.attrs["checkpoints"]]
+        layout = self.attrs["layout"]
+        self.num_samples: int = int(layout["num_samples"])
+        self.num_events: int = int(layout["num_events"])
+        self.dim: int = int(layout["dim"])
+        self.shard_rows: int = int(layout["shard_rows"])
+        self.num_shards: int = int(layout["num_shards"])
+        self.norm_kind: str = self.attrs["norm_kind"]
+        self.fingerprint: str = fingerprint_of(self.attrs)
+        self._ids: list[str] | None = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | Path) -> FeatureStore:
+        """Open a store for reading (complete or not; see :attr:`is_complete`).
+
+        Raises:
+            DataError: no retrac store at ``path``, or one of another format version.
+        """
+        import zarr
+
+        path = Path(path)
+        try:
+            group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        except Exception as exc:
+            raise DataError(
+                f"{str(path)!r} is not a retrac feature store ({type(exc).__name__}: {exc}); "
+                "create one with `retrac index`."
+            ) from exc
+        fmt = dict(group.attrs).get("format", {})
+        if fmt.get("name") != FORMAT_NAME:
+            raise DataError(f"{str(path)!r} is a Zarr group but not a retrac feature store (format {fmt!r}).")
+        if fmt.get("version") != FORMAT_VERSION:
+            raise DataError(
+                f"store {str(path)!r} has format version {fmt.get('version')}, this retrac reads "
+                f"version {FORMAT_VERSION}; rebuild it with `retrac index`."
+            )
+        return cls(path, group)
+
+    @classmethod
+    def create_or_open(cls, path: str | Path, attrs: dict, ids: list[str]) -> FeatureStore:
+        """Create the store (atomically: built aside, then renamed) or open it and check it matches.
+
+        Raises:
+            ConfigError: ``path`` is a file, a non-store folder, or cannot be written.
+            StoreMismatchError: the store exists with other settings; every difference is named.
+        """
+        path = Path(path)
+        if path.is_file():
+            raise ConfigError(f"--out {str(path)!r} is a file; give a folder path for the store.")
+        if not (path.is_dir() and (path / "zarr.json").is_file()):
+            if path.is_dir() and any(path.iterdir()):
+                raise ConfigError(
+                    f"--out {str(path)!r} is a non-empty folder that is not a retrac store; give a new path."
+                )
+            cls._create(path, attrs, ids)
+        store = cls.open(path)
+        diffs = differences(comparable(store.attrs), comparable(attrs))
+        if diffs:
+            raise StoreMismatchError(
+                f"the store {str(path)!r} was written with other settings; differences (stored vs given):\n  "
+                + "\n  ".join(diffs)
+                + "\nrerun with the store's settings, or give a new --out."
+            )
+        return store
+
+    @classmethod
+    def _create(cls, path: Path, attrs: dict, ids: list[str]) -> None:
+        import zarr
+
+        parent = path.absolute().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the folder of --out {str(path)!r} ({exc}); give a writable path."
+            ) from exc
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(
+                f"--out {str(path)!r}: folder {str(parent)!r} is not writable; give a writable path."
+            )
+        staging = parent / f".{path.name}.creating-{uuid.uuid4().hex}"
+        try:
+            group = zarr.open_group(str(staging), mode="w-", zarr_format=3, attributes=attrs)
+            layout = attrs["layout"]
+            n, s, d = layout["num_samples"], layout["num_events"], layout["dim"]
+            shard, chunk = layout["shard_rows"], layout["chunk_rows"]
+            id_array = group.create_array("ids", shape=(n,), dtype=str, chunks=(n,))
+            id_array[:] = np.asarray(ids, dtype=str)
+            for k in range(len(attrs["checkpoints"])):
+                sub = group.create_group(checkpoint_group(k))
+                sub.create_array(
+                    "features",
+                    shape=(n, s, d),
+                    dtype=layout["dtype"],
+                    chunks=(chunk, s, d),
+                    shards=None if chunk == shard else (shard, s, d),
+                    compressors=None,  # projected gradients do not compress
+                    fill_value=0,
+                )
+                sub.create_array("norms", shape=(n, s), dtype="float32", chunks=(shard, s), fill_value=0)
+                sub.create_array("timesteps", shape=(n, s), dtype="int32", chunks=(shard, s), fill_value=-1)
+                sub.create_array("valid", shape=(n, s), dtype="bool", chunks=(shard, s), fill_value=False)
+            (staging / "ledger").mkdir()
+            try:
+                os.rename(staging, path)  # atomic; fails if another process created the store first
+            except OSError:
+                if not (path / "zarr.json").is_file():
+                    raise
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the store at --out {str(path)!r} ({exc}); give a writable path."
+            ) from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.checkpoints)
+
+    @property
+    def ids(self) -> list[str]:
+        """The ``N`` sample ids in row order."""
+        if self._ids is None:
+            self._ids = [str(i) for i in self._group["ids"][:]]
+        return self._ids
+
+    @property
+    def weights(self) -> list[float]:
+        """``w_k`` of every checkpoint."""
+        return [c.weight for c in self.checkpoints]
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of shard ``shard``."""
+        start = shard * self.shard_rows
+        return start, min(start + self.shard_rows, self.num_samples)
+
+    # ------------------------------------------------------------------ ledger
+    def _ledger_file(self, k: int, shard: int) -> Path:
+        return self.path / "ledger" / checkpoint_group(k) / f"shard-{shard:06d}.json"
+
+    def completed_shards(self, k: int) -> set[int]:
+        """Shards of checkpoint ``k`` whose ledger entry exists (their data is whole)."""
+        folder = self.path / "ledger" / checkpoint_group(k)
+        if not folder.is_dir():
+            return set()
+        return {int(f.stem.split("-")[1]) for f in folder.glob("shard-*.json")}
+
+    def missing(self) -> list[tuple[int, int]]:
+        """``(checkpoint, shard)`` pairs not yet in the ledger."""
+        return [
+            (k, s)
+            for k in range(self.num_checkpoints)
+            for s in sorted(set(range(self.num_shards)) - self.completed_shards(k))
+        ]
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether every shard of every checkpoint is in the ledger."""
+        return not self.missing()
+
+    def require_complete(self) -> None:
+        """Raise ``DataError`` naming the missing shards unless the store is complete."""
+        missing = self.missing()
+        if missing:
+            raise DataError(
+                f"store {str(self.path)!r} is incomplete: {len(missing)} (checkpoint, shard) pairs are missing, "
+                f"e.g. {missing[:3]}; rerun the same `retrac index` command (every --shard I/N) to finish it."
+            )
+
+    # ------------------------------------------------------------------ writing
+    def write_shard(
+        self,
+        k: int,
+        shard: int,
+        features: np.ndarray,
+        norms: np.ndarray,
+        timesteps: np.ndarray,
+        valid: np.ndarray,
+    ) -> None:
+        """Write one whole shard of checkpoint ``k``, then its ledger entry (atomically)."""
+        start, stop = self.shard_range(shard)
+        group = self._writable_group()[checkpoint_group(k)]
+        arrays = {
+            "features": features.astype(self.attrs["layout"]["dtype"]),
+            "norms": norms.astype(np.float32),
+            "timesteps": timesteps.astype(np.int32),
+            "valid": valid.astype(bool),
+        }
+        digest = hashlib.sha256()
+        for name, data in arrays.items():
+            self._write_region(group[name], start, stop, data)
+            digest.update(np.ascontiguousarray(data).tobytes())
+        entry = {"checkpoint": k, "shard": shard, "rows": [start, stop], "sha256": digest.hexdigest()}
+        target = self._ledger_file(k, shard)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+        temp.write_text(json.dumps(entry, sort_keys=True))
+        os.replace(temp, target)  # the ledger entry appears only once the data is whole
+
+    @staticmethod
+    def _write_region(array, start: int, stop: int, data: np.ndarray) -> None:
+        array[start:stop] = data
+
+    def _writable_group(self):
+        import zarr
+
+        if not hasattr(self, "_write_group"):
+            self._write_group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+        return self._write_group
+
+    # ------------------------------------------------------------------ reading
+    def _array(self, k: int, name: str):
+        if not 0 <= k < self.num_checkpoints:
+            raise ConfigError(f"checkpoint index {k} is out of range; the store has {self.num_checkpoints}.")
+        return self._group[f"{checkpoint_group(k)}/{name}"]
+
+    def features(self, k: int, rows: slice = slice(None)) -> np.ndarray:
+        """``phi_k`` of rows ``rows``: ``(n, S, d)`` float32."""
+        return np.asarray(self._array(k, "features")[rows], dtype=np.float32)
+
+    def norms(self, k: int, rows: slice = slice(None)) -> np.ndarray:
+        """``n_k`` of rows ``rows``: ``(n, S)`` float32 (exact or projected: see ``norm_kind``)."""
+        return np.asarray(self._array(k, "norms")[rows], dtype=np.float32)
+
+    def timesteps(self, k: int, rows: slice = slice(None)) -> np.ndarray:
+        """Timesteps of the events of rows ``rows``: ``(n, S)`` int32, ``-1`` in padding slots."""
+        return np.asarray(self._array(k, "timesteps")[rows])
+
+    def valid(self, k: int, rows: slice = slice(None)) -> np.ndarray:
+        """Which event slots of rows ``rows`` hold an event: ``(n, S)`` bool."""
+        return np.asarray(self._array(k, "valid")[rows], dtype=bool)
+
+    def blocks(self, k: int, block_rows: int | None = None) -> Iterator[FeatureBlock]:
+        """Stream checkpoint ``k`` in row blocks (default: one shard per block, aligned to the files)."""
+        step = block_rows or self.shard_rows
+        for start in range(0, self.num_samples, step):
+            rows = slice(start, min(start + step, self.num_samples))
+            yield FeatureBlock(
+                rows.start,
+                rows.stop,
+                self.features(k, rows),
+                self.norms(k, rows),
+                self.timesteps(k, rows),
+                self.valid(k, rows),
+            )
+
+    def projector(self, k: int, task):
+        """Rebuild ``P_k`` for the query side, identical to the one the features were made with.
+
+        Raises:
+            StoreMismatchError: ``task`` counts another number of parameters than the store's.
+        """
+        from retrac.projection import make_projector
+
+        record = self.attrs["projectors"][k]
+        if task.num_parameters != record["num_parameters"]:
+            raise StoreMismatchError(
+                f"the task counts {task.num_parameters} parameters, the store's projector was built for "
+                f"{record['num_parameters']}; use the same model and include/exclude patterns as the store "
+                f"({self.attrs['task']['include']} / {self.attrs['task']['exclude']})."
+            )
+        return make_projector(
+            record["kind"],
+            task,
+            dim=record["dim"],
+            seed=self.config.seed,
+            checkpoint_index=k,
+            backend=record.get("backend", "basic"),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureStore({str(self.path)!r}, N={self.num_samples}, K={self.num_checkpoints}, "
+            f"S={self.num_events}, d={self.dim}, complete={self.is_complete})"
+        )
