@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -47,6 +48,23 @@ PROJECTOR_KINDS = ("exact", "dense")
 DENSE_BACKENDS = ("basic", "fast_jl")
 TRAK_BLOCK_SIZE = 100  # columns of P_k generated per trak block (trak's default); part of the matrix
 DEFAULT_CACHE_BYTES = 1 << 30  # keep P_k in memory when it is at most this large
+PROCESS_CACHE_BYTES = 2 << 30  # all cached P_k of a process together (least recently used evicted)
+_MATRIX_CACHE: OrderedDict[tuple, list[Tensor]] = OrderedDict()
+
+
+def _cached_matrix(key: tuple, build) -> list[Tensor]:
+    """``P_k`` blocks shared by every projector of the process with the same (P, d, seed, device)."""
+    if key in _MATRIX_CACHE:
+        _MATRIX_CACHE.move_to_end(key)
+        return _MATRIX_CACHE[key]
+    blocks = build()
+    _MATRIX_CACHE[key] = blocks
+    while (
+        len(_MATRIX_CACHE) > 1
+        and sum(b.numel() * b.element_size() for v in _MATRIX_CACHE.values() for b in v) > PROCESS_CACHE_BYTES
+    ):
+        _MATRIX_CACHE.popitem(last=False)
+    return blocks
 
 
 def projector_seed(seed: int, checkpoint_index: int) -> int:
@@ -142,7 +160,8 @@ class DenseProjector(_GradientProjector):
     The matrix is trak's ``BasicProjector`` matrix for ``(grad_dim=P, proj_dim=d, seed,
     block_size=100)``, generated on the CPU block by block (so every device sees the same matrix)
     and kept on the gradients' device while it fits in ``cache_bytes``; otherwise each block is
-    regenerated per call. Cached or not, the arithmetic is the same block-wise product, so the
+    regenerated per call. The cache is shared by the process's projectors with equal
+    ``(P, d, seed, device)`` (the query side rebuilds ``P_k`` cheaply). Cached or not, the arithmetic is the same block-wise product, so the
     features do not depend on the cache.
 
     Args:
@@ -179,7 +198,6 @@ class DenseProjector(_GradientProjector):
         super().__init__(num_parameters, dim, seed)
         self.backend = backend
         self.cache_bytes = int(cache_bytes)
-        self._blocks: dict[torch.device, list[Tensor]] = {}
         self._trak = None
         if backend == "fast_jl":
             self._cuda_projector()  # fail now, not after the first batch
@@ -215,10 +233,12 @@ class DenseProjector(_GradientProjector):
 
     def _project_basic(self, grads: Tensor) -> Tensor:
         device = grads.device
-        cached = self._blocks.get(device)
-        if cached is None and 4 * self.num_parameters * self.dim <= self.cache_bytes:
-            cached = [self._block(i).to(device) for i in range(self._num_blocks())]
-            self._blocks[device] = cached
+        cached = None
+        if 4 * self.num_parameters * self.dim <= self.cache_bytes:
+            key = (self.num_parameters, self.dim, self.seed, str(device))
+            cached = _cached_matrix(
+                key, lambda: [self._block(i).to(device) for i in range(self._num_blocks())]
+            )
         out = torch.empty((grads.shape[0], self.dim), dtype=torch.float32, device=device)
         start = 0
         for i in range(self._num_blocks()):
