@@ -22,13 +22,13 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from retrac.demo import DemoConfig, train_digits_ddpm
+    from retrac.demo import DemoConfig, run_demo
 
     config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     if args.epochs is not None:
         config = DemoConfig(**{**config.__dict__, "epochs": args.epochs})
     out = Path(args.out)
-    summary = train_digits_ddpm(config, out)
+    summary = run_demo(config, out)
     print(
         f"trained {len(summary['checkpoints'])} checkpoints in {summary['train_seconds']} s "
         f"(final loss {summary['final_loss']:.4f})"
@@ -38,7 +38,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"training-event log: {summary['events']}")
     for ckpt in summary["checkpoints"]:
         print(f"checkpoint:         {ckpt['path']}  (weight {ckpt['weight']:.4g})")
+    print(f"feature store:      {summary['store']}")
+    for method, path in summary["indexes"].items():
+        print(f"{method + ' index:':<20}{path}")
+    print(f"report:             {summary['report']}")
     print(f"summary:            {out / 'demo.json'}")
+    print("seconds per stage:  " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
     return 0
 
 
@@ -135,6 +140,119 @@ def _run_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_build(sub) -> None:
+    p = sub.add_parser(
+        "build",
+        help="build a FAISS inner-product index of one method over a feature store",
+        description="Aggregate the store's features into train vectors U(z) = concat_k(w_k u_k(z)) of a "
+        "method (tracin: mean of phi; retrac: mean of phi / n_k; trak / dtrak: tracin with the kernel "
+        "folded into queries) and index them for inner-product search.",
+    )
+    p.add_argument("--store", required=True, help="a complete feature store (from `retrac index`)")
+    p.add_argument(
+        "--method",
+        default="retrac",
+        choices=["tracin", "retrac", "trak", "dtrak"],
+        help="(default: %(default)s)",
+    )
+    p.add_argument(
+        "--kernel",
+        nargs="?",
+        const=0.1,
+        type=float,
+        default=None,
+        metavar="C",
+        help="apply the kernel (Phi^T Phi + lambda I)^-1, lambda = C * mean ||u||^2 (C default 0.1)",
+    )
+    p.add_argument(
+        "--index",
+        default="auto",
+        help="auto (Flat up to 50,000 rows, IVF above), flat, ivf, hnsw or a FAISS factory string (default: %(default)s)",
+    )
+    p.add_argument("--out", required=True, help="the index folder")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "gpu"], help="faiss device (default: %(default)s)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from retrac.query.attribution import build_attribution_index
+
+    built = build_attribution_index(
+        args.store,
+        args.out,
+        args.method,
+        kernel=args.kernel,
+        index=args.index,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    recall = f", recall@10 vs flat {built.recall['recall_at_10']:.3f}" if built.recall else ""
+    print(f"index {args.out}: {built.num_vectors} vectors x {built.dim} dims, {built.factory}{recall}")
+    return 0
+
+
+def _add_query(sub) -> None:
+    p = sub.add_parser(
+        "query",
+        help="top-k training samples of query images from one or more indexes",
+        description="Score I(z, z') = sum_k w_k <u_k(z), q_k(z')>: positive = proponent (a step on z lowers the "
+        "loss on z'), negative = opponent.",
+    )
+    p.add_argument(
+        "--index", required=True, action="append", help="an index folder (repeatable, one per method)"
+    )
+    p.add_argument(
+        "--images", required=True, help="query images: an image file, a folder of images, .npy or .npz"
+    )
+    p.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
+    p.add_argument("--method", default=None, help="which loaded index to use (default: the only one, or all)")
+    p.add_argument(
+        "--opponents", action="store_true", help="the most negative scores instead of the most positive"
+    )
+    p.add_argument(
+        "--events",
+        default="default",
+        choices=["default", "fast", "paper"],
+        help="query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the query noise (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device for the gradients (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=_run_query)
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    import json
+
+    from retrac.data import load_dataset
+    from retrac.query.attribution import Attributor, QueryEvents
+
+    images = load_dataset(args.images)
+    attributor = Attributor(
+        args.index,
+        query_events=QueryEvents.preset(args.events, args.seed),
+        device=args.device,
+        progress=not args.json,
+    )
+    labels = images.labels if attributor.task.is_class_conditional else None
+    methods = [args.method] if args.method else attributor.methods
+    results = {m: attributor.attribute(images.images, args.k, m, args.opponents, labels) for m in methods}
+    if args.json:
+        payload = {m: {**r.to_dict(), "query_ids": images.ids} for m, r in results.items()}
+        print(json.dumps(next(iter(payload.values())) if len(payload) == 1 else {"results": payload}))
+        return 0
+    kind = "opponents" if args.opponents else "proponents"
+    for method, result in results.items():
+        print(f"{method}: top {args.k} {kind} (score = sum_k w_k <u_k, q_k>; positive = proponent)")
+        for q, query_id in enumerate(images.ids):
+            pairs = ", ".join(f"{i} ({s:.4g})" for i, s in zip(result.ids[q], result.scores[q], strict=True))
+            print(f"  {query_id}: {pairs}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrac",
@@ -144,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_index(sub)
+    _add_build(sub)
+    _add_query(sub)
     return parser
 
 

@@ -34,6 +34,12 @@ class DemoConfig:
         num_checkpoints: checkpoints saved at evenly spaced steps (the last at the final step).
         num_heldout: digits kept out of training, used as queries.
         num_train_timesteps: ``T`` of the DDPM scheduler.
+        index_events: event schedule of the demo's feature store.
+        index_dim: projection dimension ``d`` of the store (dense projector).
+        num_heldout_queries: held-out digits attributed in the report.
+        num_generated_queries: digits sampled from the last checkpoint and attributed.
+        sampling_steps: reverse steps when sampling (DDPM; ``T`` = the full chain).
+        top_k: proponents shown per query and method.
     """
 
     seed: int = 0
@@ -43,6 +49,12 @@ class DemoConfig:
     num_checkpoints: int = 4
     num_heldout: int = 197
     num_train_timesteps: int = 1000
+    index_events: str = "stratified:4"
+    index_dim: int = 512
+    num_heldout_queries: int = 8
+    num_generated_queries: int = 8
+    sampling_steps: int = 1000
+    top_k: int = 8
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -55,7 +67,17 @@ class DemoConfig:
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
         """A shorter run for smoke tests (a few seconds)."""
-        return cls(seed=seed, epochs=4, num_checkpoints=3)
+        return cls(
+            seed=seed,
+            epochs=4,
+            num_checkpoints=3,
+            index_events="stratified:1",
+            index_dim=128,
+            num_heldout_queries=4,
+            num_generated_queries=4,
+            sampling_steps=50,
+            top_k=6,
+        )
 
 
 def digits_dataset() -> ImageDataset:
@@ -193,5 +215,81 @@ def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True
         "final_loss": float(loss.item()),
         "train_seconds": round(time.perf_counter() - started, 2),
     }
+    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict:
+    """Every stage of the pipeline on the digits: train, index, build TracIn and ReTrac indexes,
+    attribute held-out and generated digits, and write the HTML report.
+
+    Returns:
+        The demo summary (also written to ``out/demo.json``), with the paths of every artifact.
+    """
+    from retrac.checkpoints import load_scheduler, load_unet
+    from retrac.data import load_dataset
+    from retrac.indexer import IndexConfig, featurize_dataset
+    from retrac.query.attribution import Attributor, build_attribution_index
+    from retrac.report.attribution import write_attribution_report
+    from retrac.sampling import generate_images
+
+    out = Path(out)
+    summary = train_digits_ddpm(config, out, progress)
+    timings = {"train": summary["train_seconds"]}
+    checkpoints = [c["path"] for c in summary["checkpoints"]]
+
+    started = time.perf_counter()
+    index_config = IndexConfig(
+        events=config.index_events, projector="dense", dim=config.index_dim, seed=config.seed
+    )
+    store = featurize_dataset(checkpoints, summary["train"], out / "store", index_config, progress=progress)
+    timings["featurize"] = round(time.perf_counter() - started, 2)
+
+    started = time.perf_counter()
+    indexes = {}
+    for method in ("tracin", "retrac"):
+        indexes[method] = out / f"index-{method}"
+        build_attribution_index(store, indexes[method], method, index="auto", progress=progress)
+    timings["build"] = round(time.perf_counter() - started, 2)
+
+    started = time.perf_counter()
+    final = checkpoints[-1]
+    generated = generate_images(
+        load_unet(final),
+        load_scheduler(final),
+        config.num_generated_queries,
+        seed=config.seed,
+        num_inference_steps=config.sampling_steps,
+        progress=progress,
+    )
+    heldout = load_dataset(summary["heldout"]).subset(range(config.num_heldout_queries))
+    timings["sample"] = round(time.perf_counter() - started, 2)
+
+    started = time.perf_counter()
+    attributor = Attributor(list(indexes.values()), progress=progress)
+    queries = torch.cat([heldout.images, generated])
+    captions = [f"held-out {i} (label {int(y)})" for i, y in zip(heldout.ids, heldout.labels, strict=True)]
+    captions += [f"generated {i}" for i in range(len(generated))]
+    results = {m: attributor.attribute(queries, k=config.top_k, method=m) for m in indexes}
+    timings["attribute"] = round(time.perf_counter() - started, 2)
+
+    train = load_dataset(summary["train"])
+    intro = (
+        f"<p>Tiny DDPM on scikit-learn's digits: {len(train)} training digits, {len(checkpoints)} checkpoints, "
+        f"events {config.index_events}, dense projection d = {config.index_dim} per checkpoint. "
+        f"Queries: {len(heldout)} held-out digits and {len(generated)} digits sampled from the last checkpoint.</p>"
+    )
+    report = write_attribution_report(
+        out / "report", list(zip(captions, queries, strict=True)), results, train, "retrac demo", intro
+    )
+    summary.update(
+        {
+            "store": str(store.path),
+            "indexes": {m: str(p) for m, p in indexes.items()},
+            "report": str(report),
+            "results": {m: r.to_dict() for m, r in results.items()},
+            "seconds": timings,
+        }
+    )
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     return summary
