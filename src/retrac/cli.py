@@ -97,13 +97,26 @@ def _add_index(sub) -> None:
     p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="parameters that count")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="parameters left out")
     p.add_argument("--device", default="cpu", help="torch device for the gradients (default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy shared machine)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_index)
 
 
 def _run_index(args: argparse.Namespace) -> int:
+    from retrac.errors import ConfigError
     from retrac.indexer import IndexConfig, featurize_dataset
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} must be at least 1.")
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = IndexConfig(
         events=args.events,
         projector=args.projector,
