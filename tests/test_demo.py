@@ -103,3 +103,24 @@ def test_demo_config_validation():
         DemoConfig(epochs=0)
     with pytest.raises(ConfigError, match="num_heldout"):
         DemoConfig(num_heldout=5000)
+
+
+def test_planted_variants_add_outliers_and_duplicates():
+    from retrac.demo import build_training_set
+
+    plain, _, nothing = build_training_set(DemoConfig(seed=1))
+    train, heldout, planted = build_training_set(
+        DemoConfig(seed=1, planted_outliers=7, duplicated_samples=3, duplicate_copies=4)
+    )
+    assert nothing == {"outliers": [], "duplicated": {}}
+    assert len(train) == len(plain) + 7 + 3 * 3
+    assert planted["outliers"] == [f"outlier-{i:03d}" for i in range(7)]
+    for original, copies in planted["duplicated"].items():
+        assert len(copies) == 3
+        source = train.images[train.ids.index(original)]
+        assert all(torch.equal(train.images[train.ids.index(c)], source) for c in copies)
+    outliers = train.images[[train.ids.index(i) for i in planted["outliers"]]]
+    digits = plain.images
+    # photo patches are unlike digits: far brighter on average (digits are mostly background = -1)
+    assert outliers.mean() > digits.mean() + 0.5
+    assert not set(heldout.ids) & set(train.ids)

@@ -18,6 +18,23 @@ def _add_demo(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a short run for smoke tests (about 30 s)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 40, 4 with --quick)")
+    p.add_argument(
+        "--planted-outliers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N out-of-distribution photo patches to the training set (default: %(default)s)",
+    )
+    p.add_argument(
+        "--duplicate-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="duplicate N training digits --duplicate-copies times each (default: %(default)s)",
+    )
+    p.add_argument(
+        "--duplicate-copies", type=int, default=100, help="copies per duplicated digit (default: %(default)s)"
+    )
     p.set_defaults(func=_run_demo)
 
 
@@ -25,8 +42,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     from retrac.demo import DemoConfig, run_demo
 
     config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    overrides = {
+        "planted_outliers": args.planted_outliers,
+        "duplicated_samples": args.duplicate_samples,
+        "duplicate_copies": args.duplicate_copies,
+    }
     if args.epochs is not None:
-        config = DemoConfig(**{**config.__dict__, "epochs": args.epochs})
+        overrides["epochs"] = args.epochs
+    config = DemoConfig(**{**config.__dict__, **overrides})
     out = Path(args.out)
     summary = run_demo(config, out)
     print(

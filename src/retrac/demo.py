@@ -40,6 +40,12 @@ class DemoConfig:
         num_generated_queries: digits sampled from the last checkpoint and attributed.
         sampling_steps: reverse steps when sampling (DDPM; ``T`` = the full chain).
         top_k: proponents shown per query and method.
+        planted_outliers: image patches from another distribution (8x8 crops of scikit-learn's two
+            sample photographs) added to the training set, ids ``outlier-NNN`` (the paper plants
+            MNIST zeros among CIFAR-10 images to show which samples become generally influential).
+        duplicated_samples: training digits that are duplicated ``duplicate_copies`` times in all
+            (ids ``<id>-copy-NN``); heavy duplication makes diffusion models memorize samples.
+        duplicate_copies: copies of each duplicated digit, the original included.
     """
 
     seed: int = 0
@@ -55,8 +61,13 @@ class DemoConfig:
     num_generated_queries: int = 8
     sampling_steps: int = 1000
     top_k: int = 8
+    planted_outliers: int = 0
+    duplicated_samples: int = 0
+    duplicate_copies: int = 100
 
     def __post_init__(self) -> None:
+        if self.planted_outliers < 0 or self.duplicated_samples < 0 or self.duplicate_copies < 1:
+            raise ConfigError("planted_outliers and duplicated_samples must be >= 0, duplicate_copies >= 1.")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1.")
         if self.num_checkpoints < 1:
@@ -125,6 +136,66 @@ def split_digits(config: DemoConfig) -> tuple[ImageDataset, ImageDataset]:
     return data.subset(train), data.subset(heldout)
 
 
+def photo_patches(count: int, seed: int) -> ImageDataset:
+    """``count`` grayscale 8x8 patches of scikit-learn's two sample photographs, in ``[-1, 1]``.
+
+    Each patch is a random 48x48 crop averaged down to 8x8: natural-image texture, visibly unlike
+    the digits (an out-of-distribution set, as the paper's MNIST zeros among CIFAR-10).
+    """
+    from sklearn.datasets import load_sample_images
+
+    photos = [img.astype(np.float32).mean(axis=2) / 127.5 - 1.0 for img in load_sample_images().images]
+    rng = np.random.default_rng(derive_seed("outliers", seed))
+    patches = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        top = rng.integers(0, photo.shape[0] - 48)
+        left = rng.integers(0, photo.shape[1] - 48)
+        patches.append(photo[top : top + 48, left : left + 48].reshape(8, 6, 8, 6).mean(axis=(1, 3)))
+    images = torch.from_numpy(np.stack(patches).astype(np.float32))[:, None].clamp(-1, 1)
+    return ImageDataset(
+        images, [f"outlier-{i:03d}" for i in range(count)], torch.full((count,), -1), source="photo-patches"
+    )
+
+
+def build_training_set(config: DemoConfig) -> tuple[ImageDataset, ImageDataset, dict]:
+    """The demo's (train, held-out) sets with the planted variants of ``config``, and what was planted.
+
+    Returns:
+        ``(train, heldout, planted)`` with ``planted = {"outliers": [ids], "duplicated": {id: [copy ids]}}``.
+    """
+    train, heldout = split_digits(config)
+    parts, planted = [train], {"outliers": [], "duplicated": {}}
+    if config.duplicated_samples:
+        rows = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(derive_seed("dup", config.seed))
+        )
+        for row in sorted(rows[: config.duplicated_samples].tolist()):
+            original = train.ids[row]
+            copies = [f"{original}-copy-{c:02d}" for c in range(1, config.duplicate_copies)]
+            if copies:
+                parts.append(
+                    ImageDataset(
+                        train.images[row].expand(len(copies), *train.images.shape[1:]).clone(),
+                        copies,
+                        train.labels[row].expand(len(copies)).clone(),
+                    )
+                )
+            planted["duplicated"][original] = copies
+    if config.planted_outliers:
+        outliers = photo_patches(config.planted_outliers, config.seed)
+        parts.append(outliers)
+        planted["outliers"] = outliers.ids
+    if len(parts) > 1:
+        train = ImageDataset(
+            torch.cat([p.images for p in parts]),
+            [i for p in parts for i in p.ids],
+            torch.cat([p.labels for p in parts]),
+            source="sklearn-digits+planted",
+        )
+    return train, heldout, planted
+
+
 def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     """Train the demo DDPM and write checkpoints, data and the training-event log under ``out``.
 
@@ -133,6 +204,7 @@ def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True
         out/train.npz, out/heldout.npz           data (images in [-1, 1], ids, labels)
         out/checkpoints/checkpoint-STEP/         unet/, scheduler/, retrac_checkpoint.json
         out/events.npz                           training-event log (TrainingEventLog)
+        out/planted.json                         planted outlier ids and duplicated sample ids
         out/demo.json                            config, paths, timing
 
     Returns:
@@ -140,7 +212,8 @@ def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train, heldout = split_digits(config)
+    train, heldout, planted = build_training_set(config)
+    (out / "planted.json").write_text(json.dumps(planted, indent=2))
     train_path = train.save_npz(out / "train.npz")
     heldout_path = heldout.save_npz(out / "heldout.npz")
 
