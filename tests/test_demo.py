@@ -119,8 +119,10 @@ def test_planted_variants_add_outliers_and_duplicates():
         assert len(copies) == 3
         source = train.images[train.ids.index(original)]
         assert all(torch.equal(train.images[train.ids.index(c)], source) for c in copies)
-    outliers = train.images[[train.ids.index(i) for i in planted["outliers"]]]
-    digits = plain.images
-    # photo patches are unlike digits: far brighter on average (digits are mostly background = -1)
-    assert outliers.mean() > digits.mean() + 0.5
+    outliers = train.images[[train.ids.index(i) for i in planted["outliers"]]].flatten(1)
+    digits = plain.images.flatten(1)
+    # out of distribution: every patch is farther from its nearest digit than any of 300 digits is
+    between = torch.cdist(digits[:300], digits)
+    between[torch.arange(300), torch.arange(300)] = float("inf")
+    assert torch.cdist(outliers, digits).min(dim=1).values.min() > between.min(dim=1).values.max()
     assert not set(heldout.ids) & set(train.ids)
