@@ -177,7 +177,8 @@ def projected_gradients(
             task, x_t[part], flat_t[part], target[part], None if flat_labels is None else flat_labels[part]
         )
         feats, norm = feats.float().cpu(), norm.float().cpu()
-        finite = torch.isfinite(norm) & torch.isfinite(feats).all(dim=1)
+        # a NaN or inf anywhere in grad (or in phi, for projected norms) makes its norm non-finite
+        finite = torch.isfinite(norm)
         if not bool(finite.all()):
             r = int(rows[start + int((~finite).nonzero()[0])])
             raise GradientError(

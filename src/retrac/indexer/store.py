@@ -310,15 +310,15 @@ class FeatureStore:
         start, stop = self.shard_range(shard)
         group = self._writable_group()[checkpoint_group(k)]
         arrays = {
-            "features": features.astype(self.attrs["layout"]["dtype"]),
-            "norms": norms.astype(np.float32),
-            "timesteps": timesteps.astype(np.int32),
-            "valid": valid.astype(bool),
+            "features": np.ascontiguousarray(features, dtype=self.attrs["layout"]["dtype"]),
+            "norms": np.ascontiguousarray(norms, dtype=np.float32),
+            "timesteps": np.ascontiguousarray(timesteps, dtype=np.int32),
+            "valid": np.ascontiguousarray(valid, dtype=bool),
         }
-        digest = hashlib.sha256()
+        digest = hashlib.sha256()  # of the shard's data, recorded in its ledger entry
         for name, data in arrays.items():
             self._write_region(group[name], start, stop, data)
-            digest.update(np.ascontiguousarray(data).tobytes())
+            digest.update(memoryview(data.reshape(-1)).cast("B"))
         entry = {"checkpoint": k, "shard": shard, "rows": [start, stop], "sha256": digest.hexdigest()}
         target = self._ledger_file(k, shard)
         target.parent.mkdir(parents=True, exist_ok=True)
