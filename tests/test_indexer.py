@@ -168,6 +168,8 @@ def test_two_shard_processes_equal_one(reference, workspace, tmp_path):
     first = run(workspace, out, shard="0/2")
     assert not first.is_complete
     assert first.missing() == [(0, 1), (1, 1)]  # 3 shards: this process owns 0 and 2
+    with pytest.raises(DataError, match="incomplete"):
+        first.require_complete()
     second = run(workspace, out, shard=(1, 2))
     assert second.is_complete
     assert tree_bytes(out) == tree_bytes(reference.path)
@@ -315,6 +317,15 @@ def test_bad_outputs_and_inputs_raise(workspace, tmp_path):
         FeatureStore.open(tmp_path / "busy")
     with pytest.raises(ConfigError, match="shard"):
         parse_shard("-1/2")
+
+
+def test_shard_auto_reads_torchrun_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert parse_shard("auto") == (2, 3) and parse_shard(None) == (0, 1) and parse_shard((1, 4)) == (1, 4)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ConfigError, match="torchrun"):
+        parse_shard("auto")
 
 
 def test_class_conditional_models_get_the_labels(workspace, tmp_path):

@@ -113,7 +113,12 @@ def _add_index(sub) -> None:
         "--batch-size", type=int, default=16, help="samples per gradient batch (default: %(default)s)"
     )
     p.add_argument("--shard-rows", type=int, default=256, help="samples per shard (default: %(default)s)")
-    p.add_argument("--shard", default=None, metavar="I/N", help="fill only shards s with s %% N == I")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="fill only shards s with s %% N == I ('auto': RANK/WORLD_SIZE from torchrun)",
+    )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of events, noise and projections (default: %(default)s)"
     )

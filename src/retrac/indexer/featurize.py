@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,11 +28,19 @@ VERSIONED_PACKAGES = ("retrac", "torch", "diffusers", "zarr", "numpy", "traker")
 def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
     """``"I/N"`` (or ``(I, N)``) -> ``(I, N)`` with ``0 <= I < N``; ``None`` -> ``(0, 1)``.
 
+    ``"auto"`` takes ``I`` and ``N`` from ``RANK`` and ``WORLD_SIZE``, as ``torchrun`` sets them.
+
     Raises:
-        ConfigError: not of the form ``I/N``, or ``I`` outside ``[0, N)``.
+        ConfigError: not of the form ``I/N``, or ``I`` outside ``[0, N)``; ``auto`` outside torchrun.
     """
     if spec is None:
         return 0, 1
+    if spec == "auto":
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ConfigError(
+                "--shard auto reads RANK and WORLD_SIZE, which are not set; launch with torchrun or give --shard I/N."
+            )
+        spec = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
     if isinstance(spec, str):
         index, sep, count = spec.partition("/")
         try:
@@ -133,8 +142,10 @@ def featurize_dataset(
             labels go to class-conditional models.
         out: the store folder (created if needed).
         config: the settings (default :class:`IndexConfig`).
-        shard: ``"I/N"`` or ``(I, N)``: this process's share of the shards (default all).
-        device: where gradients are computed (``"cpu"``, ``"cuda"``, ...).
+        shard: ``"I/N"`` or ``(I, N)``: this process's share of the shards (default all); ``"auto"``
+            under ``torchrun`` (``RANK`` / ``WORLD_SIZE``).
+        device: where gradients are computed (``"cpu"``, ``"cuda"``, ...); ``"cuda"`` under torchrun
+            means ``cuda:LOCAL_RANK``.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -150,6 +161,8 @@ def featurize_dataset(
     """
     config = config or IndexConfig()
     shard_index, shard_count = parse_shard(shard)
+    if str(device) == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process
     device = torch.device(device)
     dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
     resolved = [c if isinstance(c, Checkpoint) else resolve_checkpoint(c) for c in checkpoints]

@@ -176,7 +176,8 @@ class FeatureStore:
         if path.is_file():
             raise ConfigError(f"--out {str(path)!r} is a file; give a folder path for the store.")
         if not (path.is_dir() and (path / "zarr.json").is_file()):
-            if path.is_dir() and any(path.iterdir()):
+            # re-check zarr.json: another process may have renamed a finished store into place meanwhile
+            if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
                 raise ConfigError(
                     f"--out {str(path)!r} is a non-empty folder that is not a retrac store; give a new path."
                 )
