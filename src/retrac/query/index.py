@@ -15,7 +15,7 @@ Index kinds (``build_index(kind=...)``), all with ``METRIC_INNER_PRODUCT``:
   adding costs ``N * nlist * D`` flops for the assignment, so on CPUs a larger ``nlist`` (faiss'
   ``4..16 sqrt(N)`` guideline) pays off only with an HNSW coarse quantizer, which ``auto`` uses past
   ``HNSW_QUANTIZER_MIN_ROWS`` rows.
-* ``"hnsw"``: ``IndexHNSWFlat`` with ``M = 32`` links per node and ``efConstruction = 80``.
+* ``"hnsw"``: ``IndexHNSWFlat`` with ``M = 32`` links per node and ``efConstruction = 40``.
 * any FAISS factory string, e.g. ``"IVF1024,PQ64"``, ``"IVF256,SQ8"``, ``"OPQ64,IVF1024,PQ64"``,
   ``"IVF4096_HNSW32,Flat"``, built with ``faiss.index_factory(D, string, METRIC_INNER_PRODUCT)``.
 * ``"auto"``: the rule of ``auto_factory``: ``Flat`` up to ``AUTO_FLAT_MAX_ROWS`` (50,000) rows,
@@ -44,9 +44,11 @@ needs ``D`` divisible by its sub-quantizer count, so it is off there unless aske
 
 Default search parameters: after adding, ``build_index`` searches calibration queries
 (``calibration_queries``, else ``NUM_CALIBRATION_QUERIES / 2`` = 128 sample rows plus isotropic noise
-of the same norm), each both as ``Q`` and as ``-Q`` (proponents and opponents), and takes the smallest ``nprobe`` (IVF) or ``efSearch`` (HNSW) on a doubling ladder whose
+of the same norm), each both as ``Q`` and as ``-Q`` (proponents and opponents), and takes the
+smallest ``nprobe`` (IVF: 1, 2, 4, ..., nlist) or ``efSearch`` (HNSW: 16, 32, ..., 4096) whose
 recall@10 against the exact top 10 (computed by brute force during the same add pass) reaches
-``target_recall + CALIBRATION_MARGIN`` (0.95 + 0.02). That value and the measured recall are stored
+``target_recall + CALIBRATION_MARGIN`` (0.95 + 0.02). Proponents (``Q``) and opponents
+(``-Q``) get their own values. The values and the measured recalls are stored
 in ``SearchIndex.search_params`` / ``SearchIndex.recall`` and in the manifest; every approximate
 index thus reports its recall against Flat.
 
@@ -96,7 +98,7 @@ DEVICES = ("auto", "cpu", "gpu")
 AUTO_FLAT_MAX_ROWS = 50_000
 HNSW_QUANTIZER_MIN_ROWS = 4_000_000
 HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_CONSTRUCTION = 40  # faiss' default; 80 doubles the build time for little recall here
 TRAIN_ROWS_PER_LIST = 50  # faiss warns below 39 training points per centroid
 MIN_TRAIN_ROWS = 16_384  # PQ / SQ codebooks: 256 centroids per sub-quantizer need >= 39 * 256 rows
 DEFAULT_TARGET_RECALL = 0.95
@@ -281,8 +283,11 @@ class SearchIndex:
         factory: The FAISS factory string that built ``index``.
         dim: Vector dimension ``D``.
         build_params: How it was built (nlist, M, efConstruction, training sample, budget, ...).
-        search_params: Default search parameters (``nprobe`` for IVF, ``efSearch`` for HNSW).
-        recall: The calibration result (``recall_at_10`` of the defaults against exact search,
+        search_params: Default search parameters (``nprobe`` for IVF, ``efSearch`` for HNSW), with
+            the opponents' own defaults under ``"opponents"`` (``-Q`` is often harder: its top
+            inner products are spread over more of the index).
+        recall: The calibration result (``recall_at_10`` and ``recall_at_10_opponents`` of the
+            defaults against exact search,
             number of queries, target), or ``None`` for an exact index.
         device: ``"auto"``, ``"cpu"`` or ``"gpu"`` (see the module docstring).
         mips_max_norm: ``M`` of the norm augmentation (module docstring), or ``None`` when the
@@ -621,9 +626,11 @@ def search(
         opponents: ``False``: proponents, the largest inner products first. ``True``: opponents,
             searched with ``-Q``; the returned scores are the original (negative) inner products
             ``<U(z), Q(z')>``, most negative first.
-        nprobe: IVF lists probed per query; default ``index.search_params["nprobe"]`` (calibrated to
-            recall@10 >= 0.95). More = slower and closer to exact.
-        ef_search: HNSW candidate list size; default ``index.search_params["efSearch"]``.
+        nprobe: IVF lists probed per query; default ``index.search_params["nprobe"]``, or
+            ``index.search_params["opponents"]["nprobe"]`` for opponents (each calibrated to recall@10
+            >= 0.95 at build time). More = slower and closer to exact.
+        ef_search: HNSW candidate list size; default ``index.search_params["efSearch"]`` (or the
+            opponents' value), calibrated like ``nprobe``.
 
     Returns:
         ``scores (n_query, k)`` float32: the inner products ``<U(z), Q(z')>`` (positive = proponent,
@@ -647,6 +654,9 @@ def search(
             f"k={k!r} must be an integer in [1, {index.num_vectors}] (the number of vectors in the index)."
         )
     params = dict(index.search_params)
+    opponent_params = params.pop("opponents", None) or {}
+    if opponents:
+        params.update(opponent_params)
     ivf = _ivf_of(index.index)
     if nprobe is not None:
         if ivf is None:
@@ -732,9 +742,12 @@ def _calibration_queries(sample: np.ndarray, count: int, seed: int) -> np.ndarra
 
 
 def _tune(
-    index: SearchIndex, queries: np.ndarray, exact_ids: np.ndarray, target: float
+    index: SearchIndex, queries: np.ndarray, exact_ids: np.ndarray, target: float, opponents: bool
 ) -> tuple[dict[str, Any], float]:
-    """Smallest nprobe / efSearch on a doubling ladder reaching recall@10 >= ``target``."""
+    """Smallest nprobe / efSearch on a doubling ladder reaching recall@10 >= ``target``.
+
+    ``exact_ids`` are the exact top-k of ``queries`` (``opponents=False``) or of ``-queries``.
+    """
     ivf = _ivf_of(index.index)
     if ivf is not None:
         ladder = [2**i for i in range(int(math.log2(ivf.nlist)) + 1)]
@@ -748,9 +761,9 @@ def _tune(
     recall = 0.0
     for value in ladder:
         if name == "nprobe":
-            _, found = search(index, queries, k, nprobe=value)
+            _, found = search(index, queries, k, opponents=opponents, nprobe=value)
         else:
-            _, found = search(index, queries, k, ef_search=value)
+            _, found = search(index, queries, k, opponents=opponents, ef_search=value)
         recall = recall_at_k(found, exact_ids, k)
         if recall >= target:
             break
@@ -787,7 +800,7 @@ def build_index(
         kind: ``"auto"``, ``"flat"``, ``"ivf"``, ``"hnsw"`` or a FAISS factory string (module docstring).
         nlist: IVF lists for ``kind="ivf"``; default ``default_nlist(N)`` (power of two near sqrt(N)).
         hnsw_m: HNSW links per node for ``kind="hnsw"`` (32).
-        ef_construction: HNSW build-time candidate list size (80).
+        ef_construction: HNSW build-time candidate list size (40).
         train_vectors: Training sample ``(m, D)`` (or a callable returning it) for indexes that
             need training; default: sampled from ``blocks`` (module docstring).
         train_size: Rows to train on; default ``max(50 * nlist, 16384)``, at most ``N``.
@@ -937,18 +950,22 @@ def build_index(
         return result
     k = min(CALIBRATION_K, num_vectors)
     goal = min(1.0, float(target_recall) + CALIBRATION_MARGIN)
-    exact_ids = top.ids[:, :k]
-    result.search_params, recall = _tune(result, top.queries, exact_ids, goal)
+    half = top.queries.shape[0] // 2  # rows [Q; -Q]
+    queries, exact_ids = top.queries[:half], top.ids[:, :k]
+    params, recall = _tune(result, queries, exact_ids[:half], goal, opponents=False)
+    opponent_params, opponent_recall = _tune(result, queries, exact_ids[half:], goal, opponents=True)
+    result.search_params = {**params, "opponents": opponent_params}
     result.recall = {
         f"recall_at_{k}": round(float(recall), 4),
+        f"recall_at_{k}_opponents": round(float(opponent_recall), 4),
         "target": float(target_recall),
         "calibration_target": goal,
-        "n_queries": int(top.queries.shape[0]),
+        "n_queries": int(half),
         "queries": "given" if calibration_queries is not None else "sample rows + noise",
     }
-    if recall < float(target_recall):
+    if min(recall, opponent_recall) < float(target_recall):
         warnings.warn(
-            f"index {factory!r} reaches recall@{k} = {recall:.3f} < target {target_recall} against exact "
+            f"index {factory!r} reaches recall@{k} = {min(recall, opponent_recall):.3f} < target {target_recall} against exact "
             "search even at its largest search setting; use kind='ivf' or 'hnsw' (Flat codes) or "
             "re-rank exactly.",
             stacklevel=2,
