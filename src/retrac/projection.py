@@ -32,7 +32,7 @@ from torch import Tensor
 
 from retrac.errors import ConfigError
 from retrac.events import derive_seed
-from retrac.gradients import flat_per_sample_gradients
+from retrac.gradients import default_max_rows, flat_per_sample_gradients
 from retrac.task import DiffusionTask
 
 __all__ = [
@@ -44,9 +44,10 @@ __all__ = [
     "projector_seed",
 ]
 
-PROJECTOR_KINDS = ("exact", "dense")
+PROJECTOR_KINDS = ("exact", "dense", "factored")
 DENSE_BACKENDS = ("basic", "fast_jl")
 TRAK_BLOCK_SIZE = 100  # columns of P_k generated per trak block (trak's default); part of the matrix
+MAX_FACTORED_ROWS = 64  # rows per forward/backward pass of the factored projector (activations bound it)
 DEFAULT_CACHE_BYTES = 1 << 30  # keep P_k in memory when it is at most this large
 PROCESS_CACHE_BYTES = 2 << 30  # all cached P_k of a process together (least recently used evicted)
 _MATRIX_CACHE: OrderedDict[tuple, list[Tensor]] = OrderedDict()
@@ -79,12 +80,13 @@ class Projector(ABC):
     """Maps rows of model inputs to projected per-sample gradients and their norms.
 
     Attributes:
-        kind: ``"exact"``, ``"dense"`` (later ``"factored"``).
+        kind: ``"exact"``, ``"dense"`` or ``"factored"`` (:mod:`retrac.factored`).
         dim: ``d``, the feature dimension.
         num_parameters: ``P``, the number of parameters that count in the task.
         seed: the seed of ``P_k`` (``None`` for ``exact``).
         norm_kind: ``"exact"`` when ``norms`` are ``||grad||``, ``"projected"`` when they are
-            ``||phi||`` (a projector that never forms the gradient).
+            ``||phi||`` (a projector that never forms the gradient), ``"mixed"`` when a factored
+            projector leaves some parameters uncovered (see its ``to_dict``).
     """
 
     kind: str = ""
@@ -117,6 +119,10 @@ class Projector(ABC):
             ``(features, norms)``: ``(R, d)`` float32 ``phi_k`` and ``(R,)`` float32 ``n_k``, on
             ``task.device``.
         """
+
+    def max_rows(self, task: DiffusionTask) -> int:
+        """Rows per :meth:`featurize_rows` call (bounds memory); default: ``(rows, P)`` gradients in budget."""
+        return default_max_rows(task.num_parameters)
 
     def to_dict(self) -> dict:
         """What the store records about ``P_k`` (and what :func:`make_projector` rebuilds it from)."""
@@ -278,8 +284,12 @@ class DenseProjector(_GradientProjector):
         grads = grads.float()
         if self.backend == "basic":
             return self._project_basic(grads)
-        out = self._cuda_projector().project(grads.cuda().contiguous(), model_id=0)
-        return out.to(grads.device).float() / math.sqrt(self.dim)
+        projector = self._cuda_projector()
+        pieces = [  # trak's kernels take at most max_batch_size (32) rows per call
+            projector.project(grads[i : i + 32].cuda().contiguous(), model_id=0)
+            for i in range(0, grads.shape[0], 32)
+        ]
+        return torch.cat(pieces).to(grads.device).float() / math.sqrt(self.dim)
 
 
 def make_projector(
@@ -289,6 +299,7 @@ def make_projector(
     seed: int = 0,
     checkpoint_index: int = 0,
     backend: str = "basic",
+    settings: dict | None = None,
 ) -> Projector:
     """Build ``P_k`` for checkpoint ``checkpoint_index`` of a featurization with seed ``seed``.
 
@@ -296,12 +307,14 @@ def make_projector(
     ``FeatureStore.projector``) so its projection is identical to the training side's.
 
     Args:
-        kind: ``"exact"`` or ``"dense"``.
+        kind: ``"exact"``, ``"dense"`` or ``"factored"``.
         task: the task whose selected parameters the gradients cover (gives ``P``).
-        dim: ``d`` for ``dense`` (required); for ``exact`` ``None`` or ``P``.
+        dim: ``d`` for ``dense`` and ``factored`` (required); for ``exact`` ``None`` or ``P``.
         seed: the featurization seed; ``P_k``'s seed is ``projector_seed(seed, checkpoint_index)``.
         checkpoint_index: ``k``.
         backend: ``dense`` backend, ``"basic"`` or ``"fast_jl"``.
+        settings: a projector record (``to_dict``, e.g. from a store) whose ``factored`` settings
+            (``layer_dim``, ``second_stage``, ``norms``) override the defaults.
 
     Raises:
         ConfigError: unknown kind, missing or out-of-range ``dim``.
@@ -318,4 +331,16 @@ def make_projector(
         if dim is None:
             raise ConfigError("the dense projector needs a dimension; give --dim D (e.g. 1024).")
         return DenseProjector(num_parameters, int(dim), projector_seed(seed, checkpoint_index), backend)
+    if kind == "factored":
+        from retrac.factored import DEFAULT_LAYER_DIM, FactoredProjector
+
+        settings = settings or {}
+        return FactoredProjector(
+            task,
+            dim,
+            projector_seed(seed, checkpoint_index),
+            layer_dim=settings.get("layer_dim", DEFAULT_LAYER_DIM),
+            second_stage=settings.get("second_stage", "sparse"),
+            norms=settings.get("norms", "exact"),
+        )
     raise ConfigError(f"projector {kind!r} is unknown; choose one of {', '.join(PROJECTOR_KINDS)}.")
