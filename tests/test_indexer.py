@@ -17,7 +17,7 @@ from conftest import make_scheduler, make_tiny_unet
 from retrac.checkpoints import load_scheduler, load_unet, resolve_checkpoint, save_checkpoint
 from retrac.cli import main
 from retrac.data import ImageDataset, load_dataset
-from retrac.errors import CheckpointError, ConfigError, DataError, StoreMismatchError
+from retrac.errors import CheckpointError, ConfigError, DataError, GradientError, StoreMismatchError
 from retrac.events import TrainingEventLog, event_noise_seed, noise_from_seed
 from retrac.gradients import projected_gradients
 from retrac.indexer import FeatureStore, IndexConfig, featurize_dataset, parse_shard
@@ -326,6 +326,18 @@ def test_shard_auto_reads_torchrun_environment(monkeypatch):
     monkeypatch.delenv("RANK")
     with pytest.raises(ConfigError, match="torchrun"):
         parse_shard("auto")
+
+
+def test_nan_gradients_name_the_sample_and_nothing_is_marked_complete(workspace, tmp_path):
+    model = make_tiny_unet()
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("nan"))
+    path = save_checkpoint(model, make_scheduler(), tmp_path / "diverged")
+    with pytest.raises(
+        GradientError, match=r"sample 'img-00' at event 0 \(timestep \d+\) is NaN or infinite"
+    ):
+        run(workspace, tmp_path / "store", [resolve_checkpoint(path)])
+    assert FeatureStore.open(tmp_path / "store").completed_shards(0) == set()
 
 
 def test_class_conditional_models_get_the_labels(workspace, tmp_path):
