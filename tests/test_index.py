@@ -198,11 +198,13 @@ def test_save_load_round_trip(tmp_path, vectors, queries, kind):
         tmp_path / "idx", expect={"method": "retrac", "store_fingerprint": "abc123", "dim": DIM}
     )
     assert loaded.search_params == index.search_params and loaded.recall == index.recall
+    mapped = load_index(tmp_path / "idx", mmap=True)  # indexes larger than RAM stay on disk
     for opponents in (False, True):
         want = search(index, queries, K, opponents=opponents)
-        got = search(loaded, queries, K, opponents=opponents)
-        np.testing.assert_array_equal(got[0], want[0])
-        np.testing.assert_array_equal(got[1], want[1])
+        for other in (loaded, mapped):
+            got = search(other, queries, K, opponents=opponents)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_load_refuses_a_mismatch_naming_every_key(tmp_path, vectors):
