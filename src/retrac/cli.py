@@ -92,8 +92,15 @@ def _add_index(sub) -> None:
         default="stratified:4",
         help="events per sample: stratified:S, uniform:S, replay:LOG or t1,t2,... (default: %(default)s)",
     )
-    p.add_argument("--projector", default="dense", choices=["exact", "dense"], help="(default: %(default)s)")
-    p.add_argument("--dim", type=int, default=None, help="projection dimension d for dense (default: 1024)")
+    p.add_argument(
+        "--projector",
+        default="dense",
+        choices=["exact", "dense", "factored"],
+        help="factored: per-layer projection from layer hooks, never forms per-sample gradients (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dim", type=int, default=None, help="projection dimension d for dense / factored (default: 1024)"
+    )
     p.add_argument(
         "--dense-backend",
         default="basic",
@@ -172,6 +179,13 @@ def _run_index(args: argparse.Namespace) -> int:
         f"store {store.path}: N={store.num_samples} samples x K={store.num_checkpoints} checkpoints x "
         f"S={store.num_events} events, d={store.dim} ({store.config.projector}, norms {store.norm_kind})"
     )
+    record = store.attrs["projectors"][0]
+    if record.get("uncovered_parameters"):
+        print(
+            f"factored projector: {record['uncovered_parameters']:,} parameters ({record['uncovered_share']:.2%}) "
+            f"not covered (left out of features and norms): {', '.join(record['uncovered'][:5])}"
+            + (" ..." if len(record["uncovered"]) > 5 else "")
+        )
     print(f"fingerprint {store.fingerprint}")
     print(
         "complete"
@@ -294,6 +308,94 @@ def _run_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit(sub) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="memorization audit: pixel-space nearest training images, copy verdicts, top proponents, hot spots",
+        description="For every image: its nearest training images (exact L2), the relative distance "
+        "r = d1 / mean distance to the n nearest (Carlini et al. 2023), a verdict (copy / near / novel), and "
+        "its top-k proponents under each index. Across images: hot spots and the self-influence ranking. "
+        "Writes OUT/audit.jsonl, OUT/summary.json, OUT/self_influence.jsonl and OUT/index.html.",
+    )
+    p.add_argument(
+        "--index",
+        required=True,
+        action="append",
+        help="an attribution index folder (repeatable, one per method)",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="images to audit: an image file, a folder of images, .npy or .npz")
+    source.add_argument("--generate", type=int, metavar="N", help="sample N images from the last checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of --generate (default: %(default)s)")
+    p.add_argument(
+        "--sampling-steps",
+        type=int,
+        default=None,
+        help="reverse steps of --generate (default: the scheduler's T)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--k", type=int, default=10, help="top proponents per image and method (default: %(default)s)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="training data (default: the source recorded in the store; fingerprint checked)",
+    )
+    p.add_argument(
+        "--neighbours", type=int, default=50, help="n of the relative distance (default: %(default)s)"
+    )
+    p.add_argument("--copy-threshold", type=float, default=1 / 6, help="copy if r is below it (default: 1/6)")
+    p.add_argument(
+        "--near-threshold", type=float, default=0.5, help="near if r is below it (default: %(default)s)"
+    )
+    p.add_argument(
+        "--query-events",
+        default="default",
+        choices=["default", "fast", "paper"],
+        help="attribution query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="torch device for gradients and sampling (default: %(default)s)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_audit)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from retrac.audit import AuditConfig, run_audit
+    from retrac.query.attribution import QueryEvents
+
+    config = AuditConfig(
+        k=args.k,
+        num_neighbours=args.neighbours,
+        copy_threshold=args.copy_threshold,
+        near_threshold=args.near_threshold,
+    )
+    summary = run_audit(
+        args.index,
+        args.out,
+        images=args.images,
+        generate=args.generate,
+        seed=args.seed,
+        sampling_steps=args.sampling_steps,
+        data=args.data,
+        config=config,
+        query_events=QueryEvents.preset(args.query_events),
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    counts = ", ".join(f"{v} {c}" for v, c in summary["verdict_counts"].items())
+    print(f"audited {summary['num_images']} images: {counts} (copy rate {summary['copy_rate']:.3f})")
+    for hot in summary["hot_spots"][:5]:
+        print(
+            f"hot spot {hot['id']}: {hot['outputs']} outputs (nearest of {hot['as_nearest']}, top-1 {hot['as_top1']})"
+        )
+    for name, path in summary["files"].items():
+        print(f"{name + ':':<16}{path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrac",
@@ -305,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index(sub)
     _add_build(sub)
     _add_query(sub)
+    _add_audit(sub)
     return parser
 
 
