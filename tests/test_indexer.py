@@ -146,6 +146,9 @@ def test_query_side_projector_reproduces_stored_features(reference, workspace):
     features, norms = projected_gradients(task, store.projector(0, task), data.images[rows], timesteps, noise)
     np.testing.assert_allclose(features.numpy(), store.features(0)[rows], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(norms.numpy(), store.norms(0)[rows], rtol=1e-5)
+    narrower = DiffusionTask(task.model, task.scheduler, include=["conv_out.*"])
+    with pytest.raises(StoreMismatchError, match="include/exclude"):
+        store.projector(0, narrower)
 
 
 def test_batch_size_does_not_change_results(reference, workspace, tmp_path):

@@ -36,6 +36,7 @@ from retrac.gradients import default_max_rows, flat_per_sample_gradients
 from retrac.task import DiffusionTask
 
 __all__ = [
+    "projector_from_dict",
     "PROJECTOR_KINDS",
     "DenseProjector",
     "ExactProjector",
@@ -344,3 +345,29 @@ def make_projector(
             norms=settings.get("norms", "exact"),
         )
     raise ConfigError(f"projector {kind!r} is unknown; choose one of {', '.join(PROJECTOR_KINDS)}.")
+
+
+def projector_from_dict(record: dict, task: DiffusionTask) -> Projector:
+    """Rebuild a projector from its ``to_dict`` record (as a store holds it), for ``task``.
+
+    The recorded seed is used as is, so the rebuilt ``P_k`` is the one the record was written with.
+
+    Raises:
+        ConfigError: ``task`` counts another number of parameters than the record, or the kind is
+            unknown to this version of retrac.
+    """
+    num_parameters = task.num_parameters
+    if int(record["num_parameters"]) != num_parameters:
+        raise ConfigError(
+            f"the projector was built for {record['num_parameters']} parameters but the task counts "
+            f"{num_parameters}; use the same model and include/exclude patterns as when it was built."
+        )
+    if record["kind"] == "exact":
+        return ExactProjector(num_parameters)
+    if record["kind"] == "dense":
+        return DenseProjector(
+            num_parameters, int(record["dim"]), int(record["seed"]), record.get("backend", "basic")
+        )
+    raise ConfigError(
+        f"projector kind {record['kind']!r} is unknown to this retrac; upgrade retrac to read this store."
+    )

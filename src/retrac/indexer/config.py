@@ -21,8 +21,10 @@ class IndexConfig:
     Attributes:
         events: the event schedule ``E_k(z)``: ``stratified:S``, ``uniform:S``, ``replay:LOG`` or
             ``t1,t2,...`` (a string, parsed to an :class:`~retrac.events.EventSchedule`).
-        projector: ``"dense"`` (seeded JL projection to ``dim``) or ``"exact"`` (raw gradients).
-        dim: ``d`` for ``dense`` (default 1024); ``None`` or the parameter count for ``exact``.
+        projector: ``"dense"`` (seeded JL projection to ``dim``), ``"factored"`` (per-layer LoGra-style
+            projection from layer hooks plus a sparse JL second stage to ``dim``; never forms the
+            per-sample gradient, see :mod:`retrac.factored`) or ``"exact"`` (raw gradients).
+        dim: ``d`` for ``dense`` and ``factored`` (default 1024); ``None`` or the parameter count for ``exact``.
         dense_backend: ``"basic"`` (trak ``BasicProjector``, any device) or ``"fast_jl"`` (trak
             ``CudaProjector``; needs CUDA and fast_jl; a different matrix).
         objective: ``"loss"`` (TracIn / ReTrac / TRAK), ``"l1"`` (the paper's official code) or
@@ -57,7 +59,7 @@ class IndexConfig:
             raise ConfigError(
                 f"projector={self.projector!r} is unknown; choose one of {', '.join(PROJECTOR_KINDS)}."
             )
-        if self.projector == "dense" and self.dim is None:
+        if self.projector in ("dense", "factored") and self.dim is None:
             self.dim = DEFAULT_DIM
         if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
             raise ConfigError(f"dim={self.dim!r} must be a positive integer; give --dim D, e.g. --dim 1024.")

@@ -375,28 +375,29 @@ class FeatureStore:
             )
 
     def projector(self, k: int, task):
-        """Rebuild ``P_k`` for the query side, identical to the one the features were made with.
+        """Rebuild ``P_k`` (recorded kind, dim, seed, backend) for the query side.
+
+        Features the query side makes with it and :func:`retrac.gradients.projected_gradients` are
+        identical to the stored ones for the same model, sample and events.
 
         Raises:
             StoreMismatchError: ``task`` counts another number of parameters than the store's.
         """
-        from retrac.projection import make_projector
+        from retrac.projection import projector_from_dict
 
-        record = self.attrs["projectors"][k]
+        record = self._projector_record(k)
         if task.num_parameters != record["num_parameters"]:
             raise StoreMismatchError(
                 f"the task counts {task.num_parameters} parameters, the store's projector was built for "
                 f"{record['num_parameters']}; use the same model and include/exclude patterns as the store "
                 f"({self.attrs['task']['include']} / {self.attrs['task']['exclude']})."
             )
-        return make_projector(
-            record["kind"],
-            task,
-            dim=record["dim"],
-            seed=self.config.seed,
-            checkpoint_index=k,
-            backend=record.get("backend", "basic"),
-        )
+        return projector_from_dict(record, task)
+
+    def _projector_record(self, k: int) -> dict:
+        if not 0 <= k < self.num_checkpoints:
+            raise ConfigError(f"checkpoint index {k} is out of range; the store has {self.num_checkpoints}.")
+        return self.attrs["projectors"][k]
 
     def __repr__(self) -> str:
         return (
