@@ -368,6 +368,34 @@ def projector_from_dict(record: dict, task: DiffusionTask) -> Projector:
         return DenseProjector(
             num_parameters, int(record["dim"]), int(record["seed"]), record.get("backend", "basic")
         )
+    if record["kind"] == "factored":
+        from retrac.factored import FactoredProjector
+
+        projector = FactoredProjector(
+            task,
+            int(record["dim"]),
+            int(record["seed"]),
+            layer_dim=record["layer_dim"],
+            second_stage=record["second_stage"],
+            norms=record["norms"],
+        )
+        if projector.to_dict() != record:
+            raise ConfigError(
+                "the factored projector rebuilt for this task differs from the recorded one (other layers or "
+                "coverage); use the same model and include/exclude patterns as when it was built."
+            )
+        return projector
+    if record["kind"] == "factored":  # the settings make_projector reads, with the recorded seed
+        from retrac.factored import DEFAULT_LAYER_DIM, FactoredProjector
+
+        return FactoredProjector(
+            task,
+            int(record["dim"]),
+            int(record["seed"]),
+            layer_dim=record.get("layer_dim", DEFAULT_LAYER_DIM),
+            second_stage=record.get("second_stage", "sparse"),
+            norms=record.get("norms", "exact"),
+        )
     raise ConfigError(
         f"projector kind {record['kind']!r} is unknown to this retrac; upgrade retrac to read this store."
     )
