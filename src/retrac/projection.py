@@ -385,17 +385,6 @@ def projector_from_dict(record: dict, task: DiffusionTask) -> Projector:
                 "coverage); use the same model and include/exclude patterns as when it was built."
             )
         return projector
-    if record["kind"] == "factored":  # the settings make_projector reads, with the recorded seed
-        from retrac.factored import DEFAULT_LAYER_DIM, FactoredProjector
-
-        return FactoredProjector(
-            task,
-            int(record["dim"]),
-            int(record["seed"]),
-            layer_dim=record.get("layer_dim", DEFAULT_LAYER_DIM),
-            second_stage=record.get("second_stage", "sparse"),
-            norms=record.get("norms", "exact"),
-        )
     raise ConfigError(
         f"projector kind {record['kind']!r} is unknown to this retrac; upgrade retrac to read this store."
     )
