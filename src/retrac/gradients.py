@@ -170,7 +170,7 @@ def projected_gradients(
 
     features = torch.zeros((B * S, projector.dim), dtype=torch.float32)
     norms = torch.zeros(B * S, dtype=torch.float32)
-    chunk = max_rows or default_max_rows(task.num_parameters)
+    chunk = max_rows or projector.max_rows(task)
     for start in range(0, rows.numel(), chunk):
         part = slice(start, start + chunk)
         feats, norm = projector.featurize_rows(
