@@ -150,6 +150,7 @@ def test_ivf_trains_on_given_uniform_or_prefix_sample(vectors):
     assert uniform.search_params == {"nprobe": max(1, uniform.build_params["nlist"] // 16)}
 
 
+@pytest.mark.filterwarnings("ignore:.*scans over a quarter")  # 32 lists over 4000 rows: a toy partition
 def test_factory_strings_build(vectors, queries, flat):
     _, exact = search(flat, queries, K)
     index = build_index([vectors], len(vectors), DIM, "IVF32,SQ8")

@@ -963,6 +963,14 @@ def build_index(
         "n_queries": int(half),
         "queries": "given" if calibration_queries is not None else "sample rows + noise",
     }
+    probes = max(params.get("nprobe", 0), opponent_params.get("nprobe", 0))
+    if ivf is not None and probes > ivf.nlist // 4:
+        warnings.warn(
+            f"index {factory!r} needs nprobe={probes} of {ivf.nlist} lists for recall@{k} >= {goal:.2f}: "
+            "it scans over a quarter of the vectors per query, barely faster than exact search. Such "
+            "data (wide norm spread, high intrinsic dimension) suits kind='hnsw' better, or 'flat'.",
+            stacklevel=2,
+        )
     if min(recall, opponent_recall) < float(target_recall):
         warnings.warn(
             f"index {factory!r} reaches recall@{k} = {min(recall, opponent_recall):.3f} < target {target_recall} against exact "
