@@ -196,10 +196,10 @@ def featurize_dataset(
                     f"{attrs['task']['num_parameters']}; give checkpoints of one model."
                 )
         projector = make_projector(config.projector, task, config.dim, config.seed, k, config.dense_backend)
+        bar.set_postfix(checkpoint=k)
         for shard_id in todo[k]:
             start, stop = store.shard_range(shard_id)
             _featurize_shard(store, task, projector, plan, dataset, config, k, shard_id, start, stop, bar)
-        bar.set_postfix(checkpoint=k)
     bar.close()
     return FeatureStore.open(out)
 
