@@ -26,8 +26,7 @@ from retrac.cli import main
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import CheckpointError, ConfigError, DataError, StoreMismatchError
 from retrac.indexer import FeatureStore, IndexConfig, featurize_dataset
-from retrac.query.attribution import QueryEvents, build_attribution_index, train_vector_blocks
-from retrac.query.vectors import Method
+from retrac.query.attribution import QueryEvents, build_attribution_index
 from retrac.task import DiffusionTask
 
 N_DISTINCT, N_NEIGHBOURS = 20, 5
@@ -215,11 +214,10 @@ def indexed(tmp_path_factory):
 def test_self_influence_is_tracin_inner_product(indexed):
     store = indexed["store"]
     got = self_influence(store)
-    # SI(z) = sum_k w_k ||u_k||^2 = sum_k ||w_k u_k||^2 / w_k, from the streamed U(z) = concat_k(w_k u_k)
-    u = np.concatenate(list(train_vector_blocks(store, Method.named("tracin"))))
-    d = store.dim
+    # SI(z) = sum_k w_k ||u_k(z)||^2; with one event per sample (stratified:1) u_k(z) = phi_k(z, e)
+    assert store.num_events == 1
     expected = sum(
-        (u[:, k * d : (k + 1) * d].astype(np.float64) ** 2).sum(1) / w for k, w in enumerate(store.weights)
+        w * (store.features(k)[:, 0, :].astype(np.float64) ** 2).sum(1) for k, w in enumerate(store.weights)
     )
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert got.shape == (store.num_samples,) and (got > 0).all()

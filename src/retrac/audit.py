@@ -284,14 +284,19 @@ def self_influence(store) -> np.ndarray:
     The TracIn score ``I(z, z)`` of each training sample on itself, its training events serving as
     query events: large values mark samples whose loss gradients stay large across checkpoints.
     """
-    from retrac.query.attribution import _store_vectors
+    from retrac.query.attribution import train_vector_blocks
     from retrac.query.vectors import Method
 
-    method = Method.named("tracin")
+    weights = np.asarray(store.weights, dtype=np.float64)
     total = np.zeros(store.num_samples, dtype=np.float64)
-    for k, weight in enumerate(store.weights):
-        for start, u in _store_vectors(store, method, k, 4096):
-            total[start : start + len(u)] += weight * (u.astype(np.float64) ** 2).sum(axis=1)
+    start = 0
+    # train_vector_blocks streams U(z) = concat_k(w_k u_k(z)): ||w_k u_k||^2 / w_k = w_k ||u_k||^2
+    for block in train_vector_blocks(store, Method.named("tracin")):
+        per_checkpoint = (
+            (block.astype(np.float64) ** 2).reshape(len(block), len(weights), store.dim).sum(axis=2)
+        )
+        total[start : start + len(block)] = per_checkpoint @ (1.0 / weights)
+        start += len(block)
     return total
 
 
