@@ -396,6 +396,102 @@ def _run_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="HTML page of the timestep-induced bias: norm vs timestep, TracIn vs ReTrac counts, top-k grids",
+        description="Attribute query images against a store's indexes (e.g. one TracIn and one ReTrac index) and "
+        "write OUT/bias.html with PNG figures: per-sample gradient norm against timestep, the number of distinct "
+        "and of generally influential training samples (in the top-k of at least max(2, ceil(F * Q)) of the Q "
+        "queries) per method, planted outliers in the top-k lists, and every query's top-k grid; OUT/bias.json "
+        "holds the figures.",
+    )
+    p.add_argument(
+        "--index", required=True, action="append", help="an index folder (repeatable, one per method)"
+    )
+    p.add_argument(
+        "--images", required=True, help="query images: an image file, a folder of images, .npy or .npz"
+    )
+    p.add_argument("--store", default=None, help="the feature store (default: the one recorded in the index)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="the training images, for thumbnails (default: the store's recorded data path)",
+    )
+    p.add_argument("--out", default="retrac-report", help="output folder (default: %(default)s)")
+    p.add_argument("--k", type=int, default=10, help="top-k proponents per query (default: %(default)s)")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="generally influential: in the top-k of at least max(2, ceil(F * Q)) queries (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outliers",
+        default=None,
+        metavar="FILE",
+        help="planted outlier ids: planted.json, a JSON list or one id a line",
+    )
+    p.add_argument(
+        "--events",
+        default="default",
+        choices=["default", "fast", "paper"],
+        help="query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the query noise (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device for the gradients (default: %(default)s)")
+    p.add_argument("--title", default="retrac: timestep-induced bias", help="page title")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from retrac.bias import load_outlier_ids, measure_bias
+    from retrac.data import load_dataset
+    from retrac.errors import DataError
+    from retrac.query.attribution import Attributor, QueryEvents
+    from retrac.report.bias import write_bias_report
+
+    images = load_dataset(args.images)
+    attributor = Attributor(
+        args.index,
+        store=args.store,
+        query_events=QueryEvents.preset(args.events, args.seed),
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    store = attributor.feature_store
+    data_path = args.data or store.attrs["dataset"].get("source")
+    if not data_path or not Path(data_path).exists():
+        raise DataError(
+            f"the store records no readable training data path ({data_path!r}); give the training images with --data."
+        )
+    train = load_dataset(data_path)
+    if train.ids != store.ids:
+        raise DataError(f"--data {data_path!r} does not hold the store's training samples (ids differ).")
+    outliers = load_outlier_ids(args.outliers) if args.outliers else []
+    labels = images.labels if attributor.task.is_class_conditional else None
+    measurement = measure_bias(
+        attributor, images.images, args.k, outlier_ids=outliers, fraction=args.fraction, class_labels=labels
+    )
+    out = Path(args.out)
+    queries = list(zip([str(i) for i in images.ids], images.images, strict=True))
+    page = write_bias_report(out, measurement, queries, train, title=args.title)
+    (out / "bias.json").write_text(json.dumps(measurement.to_dict(), indent=2))
+    print(f"norm-timestep Spearman (mean over checkpoints): {measurement.norm_timestep_spearman:.3f}")
+    for method, stats in measurement.topk.items():
+        outlier = f", outlier share {stats.outlier_share:.3f}" if stats.num_outliers else ""
+        print(
+            f"{method}: {stats.unique} distinct samples in {stats.num_queries} top-{stats.k} lists, "
+            f"{stats.general_influential} generally influential (>= {stats.threshold} queries){outlier}"
+        )
+    print(f"report: {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrac",
@@ -408,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_query(sub)
     _add_audit(sub)
+    _add_report(sub)
     return parser
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from torch import Tensor
@@ -16,6 +16,62 @@ SCORE_NOTE = (
     "loss on the query z'). TracIn scores carry gradient magnitudes; ReTrac normalises every gradient "
     "per timestep, so its scores lie in [-sum w_k, sum w_k]."
 )
+
+
+def attribution_table(
+    out_dir: str | Path,
+    queries: Sequence[tuple[str, Tensor]],
+    results: Mapping[str, object],
+    train: ImageDataset,
+    flagged: Collection[int] = (),
+    query_prefix: str = "query",
+) -> str:
+    """The HTML table of queries (rows) and top-k proponents per method (columns); PNGs under ``out_dir/images``.
+
+    Args:
+        out_dir: folder of the page that embeds the table (image paths are relative to it).
+        queries: ``(caption, image (C, H, W))`` per query, in the order of the results' rows.
+        results: method name -> ``AttributionResult`` with ``(n_query, k)`` indices, scores, ids.
+        train: the training set the indices refer to.
+        flagged: training rows drawn highlighted (e.g. planted outliers).
+        query_prefix: file-name prefix of the query PNGs (pages in one folder with other queries
+            need their own).
+    """
+    images_dir = Path(out_dir) / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    flagged = set(flagged)
+    written: set[int] = set()
+
+    def train_png(row: int) -> str:
+        name = f"train-{row}.png"
+        if row not in written:
+            save_png(train.images[row], images_dir / name)
+            written.add(row)
+        return f"images/{name}"
+
+    methods = list(results)
+    head = "<tr><th>query</th>" + "".join(
+        f'<th class="method">{html.escape(m)}: top proponents</th>' for m in methods
+    )
+    rows = [head + "</tr>"]
+    for q, (caption, image) in enumerate(queries):
+        save_png(image, images_dir / f"{query_prefix}-{q}.png")
+        cells = [f"<td>{image_cell(f'images/{query_prefix}-{q}.png', [caption])}</td>"]
+        for method in methods:
+            result = results[method]
+            pictures = [
+                image_cell(
+                    train_png(int(i)),
+                    [sample_id, f"{score:.3g}"],
+                    "cell flag" if int(i) in flagged else "cell",
+                )
+                for i, sample_id, score in zip(
+                    result.indices[q], result.ids[q], result.scores[q], strict=True
+                )
+            ]
+            cells.append(f"<td>{''.join(pictures)}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table>{''.join(rows)}</table>"
 
 
 def write_attribution_report(
@@ -39,34 +95,6 @@ def write_attribution_report(
         The path of the page.
     """
     out_dir = Path(out_dir)
-    images_dir = out_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    written: set[int] = set()
-
-    def train_png(row: int) -> str:
-        name = f"train-{row}.png"
-        if row not in written:
-            save_png(train.images[row], images_dir / name)
-            written.add(row)
-        return f"images/{name}"
-
-    methods = list(results)
-    head = "<tr><th>query</th>" + "".join(
-        f'<th class="method">{html.escape(m)}: top proponents</th>' for m in methods
-    )
-    rows = [head + "</tr>"]
-    for q, (caption, image) in enumerate(queries):
-        save_png(image, images_dir / f"query-{q}.png")
-        cells = [f"<td>{image_cell(f'images/query-{q}.png', [caption])}</td>"]
-        for method in methods:
-            result = results[method]
-            pictures = [
-                image_cell(train_png(int(i)), [sample_id, f"{score:.3g}"])
-                for i, sample_id, score in zip(
-                    result.indices[q], result.ids[q], result.scores[q], strict=True
-                )
-            ]
-            cells.append(f"<td>{''.join(pictures)}</td>")
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    body = f'{intro}<p class="note">{SCORE_NOTE}</p><table>{"".join(rows)}</table>'
+    table = attribution_table(out_dir, queries, results, train)
+    body = f'{intro}<p class="note">{SCORE_NOTE}</p>{table}'
     return write_page(out_dir / "index.html", title, body)
