@@ -287,8 +287,8 @@ class SearchIndex:
             the opponents' own defaults under ``"opponents"`` (``-Q`` is often harder: its top
             inner products are spread over more of the index).
         recall: The calibration result (``recall_at_10`` and ``recall_at_10_opponents`` of the
-            defaults against exact search,
-            number of queries, target), or ``None`` for an exact index.
+            defaults against exact search, number of queries, target), or ``None`` for an exact
+            index.
         device: ``"auto"``, ``"cpu"`` or ``"gpu"`` (see the module docstring).
         mips_max_norm: ``M`` of the norm augmentation (module docstring), or ``None`` when the
             stored vectors are the train vectors themselves.
@@ -521,7 +521,9 @@ def exact_search(
         ConfigError: ``k`` larger than the number of rows.
     """
     _check_positive_int("k", k)
-    queries = _as_queries(queries, np.asarray(queries).shape[-1] if np.ndim(queries) == 2 else -1)
+    if np.ndim(queries) != 2:
+        raise DataError(f"queries have shape {np.shape(queries)}; expected (n_query, D).")
+    queries = _as_queries(queries, np.shape(queries)[1])
     sign = -1.0 if opponents else 1.0
     top = _ExactTopK(sign * queries, k)
     offset = 0
