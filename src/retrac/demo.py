@@ -351,10 +351,12 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
         f"<p>Tiny DDPM on scikit-learn's digits: {len(train)} training digits, {len(checkpoints)} checkpoints, "
         f"events {config.index_events}, dense projection d = {config.index_dim} per checkpoint. "
         f"Queries: {len(heldout)} held-out digits and {len(generated)} digits sampled from the last checkpoint.</p>"
+        '<p><a href="bias.html">The timestep-induced bias: gradient norm vs timestep, TracIn vs ReTrac</a></p>'
     )
     report = write_attribution_report(
         out / "report", list(zip(captions, queries, strict=True)), results, train, "retrac demo", intro
     )
+    timings["bias"] = _write_bias_page(attributor, queries, captions, train, out, config)
     summary.update(
         {
             "store": str(store.path),
@@ -366,3 +368,19 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
     )
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _write_bias_page(attributor, queries, captions, train, out: Path, config: DemoConfig) -> float:
+    """``out/report/bias.html`` (and ``bias.json``) for the demo's queries; returns the seconds it took."""
+    from retrac.bias import measure_bias
+    from retrac.report.bias import write_bias_report
+
+    started = time.perf_counter()
+    planted = json.loads((out / "planted.json").read_text())["outliers"]
+    measurement = measure_bias(attributor, queries, config.top_k, outlier_ids=planted)
+    intro = '<p><a href="index.html">Back to the attribution report</a></p>'
+    write_bias_report(
+        out / "report", measurement, list(zip(captions, queries, strict=True)), train, intro=intro
+    )
+    (out / "report" / "bias.json").write_text(json.dumps(measurement.to_dict(), indent=2))
+    return round(time.perf_counter() - started, 2)
