@@ -13,9 +13,13 @@ Figures (the last line printed is one JSON object with all of them):
 * ``top1_retrac_hits_copied`` / ``top1_tracin_hits_copied``: for those, how often the top-1 ReTrac /
   TracIn proponent is the duplicated digit (the original or any of its copies); the chance level of
   a uniformly drawn training row is ``chance_top1_planted_group`` (copies / N);
+* ``flagged_*``: the same figures for the images flagged ``copy`` or ``near``; ``nn_in_top_k_*``: how
+  often the nearest training image is among the top-k proponents; ``top1_*_most_common``: the
+  training sample that is top-1 proponent of the most outputs (TracIn's timestep-induced bias);
 * ``planted_in_top_self_influence``: planted digits with a row (original or copy) in the top 1% of
   the self-influence ranking ``SI(z) = sum_k w_k ||u_k(z)||^2``; ``planted_self_influence_ranks``
-  gives each planted digit's best rank and its rows' median rank.
+  gives each planted digit's best rank and its rows' median rank; ``*_chance`` is the expected count
+  if the ranking were a random permutation.
 
 Intermediate JSON lines report each stage and its seconds. Usage::
 
@@ -27,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -38,6 +44,10 @@ from retrac.demo import DemoConfig, train_digits_ddpm
 from retrac.indexer import IndexConfig, featurize_dataset
 from retrac.indexer.store import FeatureStore
 from retrac.query.attribution import QueryEvents, build_attribution_index
+
+
+def mean_or_none(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def emit(**fields) -> None:
@@ -143,13 +153,16 @@ def main() -> None:
     copies = [r for r in records if r["verdict"] == "copy"]
     of_planted = [r for r in copies if r["nearest_id"] in group_of]
 
-    def top1_hits(method: str) -> float | None:
-        if not of_planted:
+    flagged = [r for r in records if r["verdict"] != "novel"]
+    flagged_of_planted = [r for r in flagged if r["nearest_id"] in group_of]
+
+    def top1_hits(method: str, subset: list[dict]) -> float | None:
+        """Share of ``subset`` whose top-1 proponent is the duplicated digit of its nearest image."""
+        if not subset:
             return None
-        hits = sum(
-            group_of.get(r["proponents"][method]["ids"][0]) == group_of[r["nearest_id"]] for r in of_planted
-        )
-        return hits / len(of_planted)
+        return sum(
+            group_of.get(r["proponents"][method]["ids"][0]) == group_of[r["nearest_id"]] for r in subset
+        ) / len(subset)
 
     def top1_planted_any(method: str, subset: list[dict]) -> float | None:
         """Share of ``subset`` whose top-1 proponent is any planted row (the bias baseline)."""
@@ -169,6 +182,12 @@ def main() -> None:
         original: {"best": min(r), "median": statistics.median(r), "rows": len(r)}
         for original, r in ranks.items()
     }
+    # chance: planted digits with a row in the top 1% if the ranking were a random permutation
+    chance_in_top = sum(
+        1 - math.comb(len(ranking) - len(r), top) / math.comb(len(ranking), top) for r in ranks.values()
+    )
+    tracin_top1 = Counter(r["proponents"]["tracin"]["ids"][0] for r in records)
+    retrac_top1 = Counter(r["proponents"]["retrac"]["ids"][0] for r in records)
     nearest_planted = sum(r["nearest_id"] in group_of for r in records)
     emit(
         stage="figures",
@@ -179,13 +198,29 @@ def main() -> None:
         nearest_is_planted_rate=nearest_planted / n,
         num_copied=len(copies),
         num_copied_planted=len(of_planted),
-        top1_retrac_hits_copied=top1_hits("retrac"),
-        top1_tracin_hits_copied=top1_hits("tracin"),
+        top1_retrac_hits_copied=top1_hits("retrac", of_planted),
+        top1_tracin_hits_copied=top1_hits("tracin", of_planted),
+        flagged_rate=len(flagged) / n,
+        flagged_of_planted_rate=len(flagged_of_planted) / len(flagged) if flagged else None,
+        top1_retrac_hits_flagged=top1_hits("retrac", flagged_of_planted),
+        top1_tracin_hits_flagged=top1_hits("tracin", flagged_of_planted),
+        nn_in_top_k_retrac_flagged=mean_or_none(
+            [r["proponents"]["retrac"]["nn_rank"] is not None for r in flagged_of_planted]
+        ),
+        nn_in_top_k_tracin_flagged=mean_or_none(
+            [r["proponents"]["tracin"]["nn_rank"] is not None for r in flagged_of_planted]
+        ),
+        top1_tracin_most_common=tracin_top1.most_common(1)[0],
+        top1_retrac_most_common=retrac_top1.most_common(1)[0],
         nn_rank_retrac_copied=[r["proponents"]["retrac"]["nn_rank"] for r in of_planted][:50],
         top1_retrac_planted_on_novel=top1_planted_any("retrac", novel),
         top1_tracin_planted_on_novel=top1_planted_any("tracin", novel),
         chance_top1_planted_group=args.duplicate_copies / len(ranking),
         planted_in_top_self_influence=sum(p["best"] <= top for p in planted_ranks.values()),
+        planted_in_top_self_influence_chance=round(chance_in_top, 2),
+        planted_median_rank_fraction=round(
+            statistics.median(rank for r in ranks.values() for rank in r) / len(ranking), 3
+        ),
         top_1_percent=top,
         planted_self_influence_ranks=planted_ranks,
         num_train=len(ranking),

@@ -12,10 +12,13 @@ For every audited image ``x`` (a generated image, say) the audit reports:
   training image than to the rest of its neighbourhood (``r`` near 0); an image of a dense region
   has ``r`` near 1. Carlini et al. call an output extracted when ``d_1 / (alpha * mean d_j) <= delta``
   with ``alpha = 0.5``; our ``r`` is that ratio without ``alpha``.
-* the verdict: ``copy`` when ``r < copy_threshold`` (default ``1/6``: Carlini et al.'s
-  ``delta = 1/3`` at ``alpha = 0.5``), ``near`` when ``r < near_threshold`` (default ``1/2``: the
-  nearest is less than half as far as the neighbourhood), else ``novel``. The thresholds are in
-  every record.
+* the verdict: ``copy`` when ``r < copy_threshold`` (default ``1/6``: the nearest training image is
+  more than six times closer than the mean of the neighbourhood; ``ell <= 1/3`` in Carlini et al.'s
+  ``alpha = 0.5`` scaling), ``near`` when ``r < near_threshold`` (default ``1/2``: less than half as
+  far), else ``novel``. The thresholds are in every record. On the planted-duplicates demo (8x8
+  digits, DDPM sampled in 100 steps) reproductions of a duplicated digit land at ``r`` 0.17-0.35 and
+  other outputs at ``r >= 0.46``: small images sampled in few steps keep some noise, so there
+  ``near`` is the verdict that catches them (``benchmarks/audit.py``).
 * its top-k proponents under each loaded attribution index (ReTrac, TracIn, ...) and
   ``nn_rank``: the 1-based rank of the first proponent whose pixels equal the nearest training
   image (the image itself or any exact duplicate of it), or ``None``.
@@ -83,7 +86,7 @@ class AuditConfig:
         k: top proponents per method and image.
         num_neighbours: ``n`` of the relative distance (distinct training images; at least 2).
         copy_threshold: verdict ``copy`` when the relative distance is below it (default ``1/6``,
-            Carlini et al.'s ``delta = 1/3`` with ``alpha = 0.5``).
+            ``ell <= 1/3`` in Carlini et al.'s ``alpha = 0.5`` scaling).
         near_threshold: verdict ``near`` when below it and not a copy (default ``1/2``).
         shown_neighbours: nearest training images kept per image in the records and the report.
         num_hot_spots: hot spots listed in the summary and the report.
