@@ -6,18 +6,22 @@ dimensions, and a log-normal norm (sigma ``NORM_SIGMA``) like the spread of per-
 norms. Rows are generated in fixed blocks from ``(seed, block number)``, so any prefix is reproducible
 and memory never holds more than the index plus one block.
 
-For each ``N:d`` run: a Flat index (exact; its QPS on the query set is the baseline, its results the
-ground truth), IVF-Flat built by ``retrac.query.index.build_index(kind="ivf")`` (trained on a uniform
-sample from a first pass, calibrated defaults) searched at several ``nprobe``, and HNSW
+For each ``N:d`` run (``--kinds`` picks which): IVF-Flat built by
+``retrac.query.index.build_index(kind="ivf")`` (trained on a uniform sample from a first pass,
+norm-augmented, calibrated defaults) at several ``nprobe``, against a Flat index over the same rows
+(exact; its QPS on the query set is the baseline, its results the ground truth); and HNSW
 (``kind="hnsw"``) at several ``efSearch`` on the first ``min(N, --hnsw-max-n)`` rows (HNSW builds at
-about a thousand 1024-d rows per second per core, so it is measured on a prefix with its own Flat
-baseline). Every setting prints one JSON object: build seconds, index bytes, queries per second,
-recall@10 against Flat, and speed-up over Flat (same queries, same threads, same run). The last line
-is the summary: the fastest setting with recall@10 >= 0.95 at the largest N.
+about a thousand 1024-d rows per second on two cores), against its own storage, which is a Flat
+index over the same rows, re-timed next to each setting so the ratio holds on a busy machine. Each
+timing is the best of three passes over the queries (one when a pass takes over 20 s). Every setting
+prints one JSON object: build seconds, index bytes, queries per second, recall@10 against Flat, and
+speed-up over Flat (same queries, same threads, same run). The last line is the summary: the fastest
+setting with recall@10 >= 0.95 at the largest N, with the Flat QPS it is compared with.
 
 Usage::
 
-    python benchmarks/search.py                      # 1,000,000 x 1024 and 200,000 x 2048 (~15 min, 2 cores)
+    python benchmarks/search.py                      # 1,000,000 x 1024 and 200,000 x 2048 (~20 min, 2 idle cores)
+    python benchmarks/search.py --runs 1000000:1024 --kinds hnsw --hnsw-max-n 1000000  # HNSW at 10^6
     python benchmarks/search.py --quick              # 20,000 x 1024 and 10,000 x 2048 (~1 min)
     python benchmarks/search.py --runs 1000000:2048  # any N:d list
 """
