@@ -113,9 +113,9 @@ def test_uncovered_parameters_are_reported_and_left_out(scheduler):
 def test_fixed_seed_gives_identical_bits(tiny_unet, scheduler, second_stage):
     task = DiffusionTask(tiny_unet, scheduler)
     x_t, t, target, _ = rows_of(task)
-    one = FactoredProjector(task, 64, seed=7, layer_dim=4, second_stage=second_stage)
-    two = FactoredProjector(task, 64, seed=7, layer_dim=4, second_stage=second_stage)
-    other = FactoredProjector(task, 64, seed=8, layer_dim=4, second_stage=second_stage)
+    one = FactoredProjector(task, 64, seed=7, layer_dim=4, second_stage=second_stage, norms="exact")
+    two = FactoredProjector(task, 64, seed=7, layer_dim=4, second_stage=second_stage, norms="exact")
+    other = FactoredProjector(task, 64, seed=8, layer_dim=4, second_stage=second_stage, norms="exact")
     f1, n1 = one.featurize_rows(task, x_t, t, target)
     f2, n2 = two.featurize_rows(task, x_t, t, target)
     assert torch.equal(f1, f2) and torch.equal(n1, n2) and f1.shape == (6, 64)
@@ -162,12 +162,19 @@ def test_batch_size_and_event_grouping_do_not_change_results(tiny_unet, schedule
             torch.testing.assert_close(part_norms[:, 0], whole_norms[b : b + 2, s], rtol=1e-5, atol=1e-6)
 
 
-def test_projected_norms_are_feature_norms(tiny_unet, scheduler):
+def test_norm_modes(tiny_unet, scheduler):
+    """exact = ||grad|| with compressed factors; auto estimates it; projected = ||phi||."""
     task = DiffusionTask(tiny_unet, scheduler)
-    projector = FactoredProjector(task, 256, seed=0, norms="projected")
     x_t, t, target, _ = rows_of(task, count=3)
-    features, norms = projector.featurize_rows(task, x_t, t, target)
-    assert projector.to_dict()["norm_kind"] == "projected"
+    true = torch.linalg.vector_norm(flat_per_sample_gradients(task, x_t, t, target), dim=1)
+    exact = FactoredProjector(task, 256, seed=0, layer_dim=4, norms="exact")
+    torch.testing.assert_close(exact.featurize_rows(task, x_t, t, target)[1], true, rtol=1e-5, atol=1e-6)
+    auto = FactoredProjector(task, 256, seed=0, layer_dim=4, norms="auto")
+    assert auto.norm_kind == "mixed" and "stage-1 estimate" in auto.to_dict()["norm_detail"]
+    torch.testing.assert_close(auto.featurize_rows(task, x_t, t, target)[1], true, rtol=0.3, atol=0)
+    projected = FactoredProjector(task, 256, seed=0, norms="projected")
+    features, norms = projected.featurize_rows(task, x_t, t, target)
+    assert projected.to_dict()["norm_kind"] == "projected"
     torch.testing.assert_close(norms, torch.linalg.vector_norm(features, dim=1))
 
 
@@ -234,7 +241,7 @@ def test_store_and_query_side_give_identical_features(tmp_path, capsys):
         [checkpoint], tmp_path / "train.npz", tmp_path / "store", config, progress=False
     )
     record = store.attrs["projectors"][0]
-    assert record["kind"] == "factored" and record["second_stage"] == "sparse" and store.norm_kind == "exact"
+    assert record["kind"] == "factored" and record["second_stage"] == "sparse" and store.norm_kind == "mixed"
     assert store.features(0).shape == (5, 2, 40) and (store.norms(0) > 0).all()
     task = DiffusionTask(load_unet(checkpoint.path), load_scheduler(checkpoint.path))
     assert store.projector(0, task).to_dict() == record

@@ -11,7 +11,7 @@ is computed from ``A x`` (taken in the forward pass, for a convolution as a conv
 as its kernel) and ``B g`` (in the backward pass), without forming ``G``. A bias is a ones-column
 appended to ``x``, so ``G`` becomes ``[G_w, sum_p g_p]``. The per-layer blocks are concatenated
 (stage 1, ``D1`` entries) and optionally compressed to exactly ``d`` by a seeded second stage
-(FactGraSS): a sparse JL matrix (``s`` random signed entries per input coordinate) or a dense
+(FactGraSS): a sparse JL matrix (``s`` random signed entries per input coordinate, rows balanced) or a dense
 Gaussian one. ``E <P g, P g'> = <g, g'>`` holds for every stage.
 
 GroupNorm parameters are covered exactly (their per-sample gradients, ``sum_p g_p xhat_p`` and
@@ -23,10 +23,12 @@ All rows of a chunk (samples x events) take one forward and one backward pass: t
 sum of the per-row objectives, and the rows do not interact in the model, so the gradient of
 that sum with respect to a row's activations is that row's output gradient.
 
-Norms ``n_k`` (``norms="exact"``): ``||G||_F^2`` per layer, from the Gram form
-``sum_{p,q} (g_p . g_q)(x_p . x_q)`` when positions are few, else by forming ``G`` one layer and a
-few rows at a time (as costly as that layer's forward pass), summed over layers. With
-``norms="projected"`` they are ``||phi||``.
+Norms ``n_k``: ``sqrt(sum over layers of ||G||_F^2)``. ``norms="exact"``: each ``||G||_F^2`` from the
+Gram form ``sum_{p,q} (g_p . g_q)(x_p . x_q)`` when positions are few, else by forming ``G`` one
+layer and a few rows at a time (as costly as that layer's forward pass). ``norms="auto"`` (the
+default): the Gram form only where it costs no more than the layer's projection, elsewhere the
+unbiased stage-1 estimate ``||B G A^T||_F^2`` (the store records ``norm_kind="mixed"``).
+``norms="projected"``: ``||phi||``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from retrac.task import DiffusionTask
 __all__ = ["FACTORED_NORMS", "FACTORED_SECOND_STAGES", "FactoredLayer", "FactoredProjector"]
 
 FACTORED_SECOND_STAGES = ("sparse", "dense", "none")
-FACTORED_NORMS = ("exact", "projected")
+FACTORED_NORMS = ("auto", "exact", "projected")
 DEFAULT_LAYER_DIM = 32  # k_in = min(I, 32), k_out = min(O, 32): at most 1024 stage-1 entries per layer
 SPARSE_NONZEROS = 4  # entries per input coordinate of the sparse second stage
 NORM_CHUNK_FLOATS = 16 << 20  # transient floats per row chunk when forming G for exact norms
@@ -163,7 +165,9 @@ class FactoredProjector(Projector):
             everywhere: the stage-1 features are the exact gradients, reordered).
         second_stage: ``"sparse"`` (``SPARSE_NONZEROS`` signed entries per column, scaled
             ``1/sqrt(s)``), ``"dense"`` (Gaussian, ``1/sqrt(d)``) or ``"none"``.
-        norms: ``"exact"`` (``||grad||`` over the covered parameters) or ``"projected"`` (``||phi||``).
+        norms: ``"auto"`` (per layer exact where cheap, else the unbiased stage-1 estimate; see
+            ``norm_detail`` in :meth:`to_dict`), ``"exact"`` (``||grad||`` over the covered
+            parameters) or ``"projected"`` (``||phi||``).
 
     Raises:
         ConfigError: bad ``dim``, ``layer_dim``, ``second_stage`` or ``norms``; a task with no
@@ -179,7 +183,7 @@ class FactoredProjector(Projector):
         seed: int,
         layer_dim: int | None = DEFAULT_LAYER_DIM,
         second_stage: str = "sparse",
-        norms: str = "exact",
+        norms: str = "auto",
     ) -> None:
         if second_stage not in FACTORED_SECOND_STAGES:
             raise ConfigError(
@@ -220,8 +224,10 @@ class FactoredProjector(Projector):
         self.uncovered_parameters = sum(params[n].numel() for n in self.uncovered)
         if norms == "projected":
             self.norm_kind = "projected"
-        elif self.uncovered:
-            self.norm_kind = "mixed"  # exact over the covered parameters; the others left out
+        elif self.uncovered or (
+            norms == "auto" and not all(layer.identity_in and layer.identity_out for layer in self.layers)
+        ):
+            self.norm_kind = "mixed"  # see norm_detail in to_dict
         else:
             self.norm_kind = "exact"
         self._matrices: dict[str, dict] = {}
@@ -231,13 +237,21 @@ class FactoredProjector(Projector):
         share = self.uncovered_parameters / max(1, self.num_parameters)
         if self.norms == "projected":
             detail = "||phi||, the norm of the projected features"
-        elif self.uncovered:
+        elif self.norms == "auto":
             detail = (
-                f"exact ||grad|| over the {self.num_parameters - self.uncovered_parameters} covered parameters; "
-                f"{self.uncovered_parameters} uncovered parameters ({share:.2%}) are left out of features and norms"
+                "sqrt of a sum over layers: exact ||G||^2 where the Gram form costs no more than the layer's "
+                "projection (few positions: attention, time embedding, low-resolution convolutions) or a factor is "
+                "whole, GroupNorm exact, else the unbiased stage-1 estimate ||B G A^T||^2"
             )
         else:
-            detail = "exact ||grad|| over all parameters"
+            detail = "exact ||grad||"
+        if self.norms != "projected":
+            detail += (
+                f" over the {self.num_parameters - self.uncovered_parameters} covered parameters; "
+                f"{self.uncovered_parameters} uncovered parameters ({share:.2%}) are left out of features and norms"
+                if self.uncovered
+                else " over all parameters"
+            )
         return {
             **super().to_dict(),
             "layer_dim": self.layer_dim,
@@ -283,19 +297,20 @@ class FactoredProjector(Projector):
             stage2 = torch.randn((self.stage1_dim, self.dim), generator=generator) / math.sqrt(self.dim)
             mats["stage2"] = stage2.to(device)
         elif self.second_stage == "sparse":
+            # S (d x D1) with exactly s entries +-1/sqrt(s) per column, at random rows (a repeated row
+            # adds up), stored by row for a gather: D1 s slots (s per input coordinate) dealt out by a
+            # random permutation into d rows of m = ceil(D1 s / d) slots; spare slots have sign 0.
+            # A gather and a sum give the same bits on every device (no atomics, no sparse kernels).
             generator = torch.Generator().manual_seed(derive_seed("retrac-factored-stage2", self.seed))
             s = SPARSE_NONZEROS
-            rows = torch.randint(0, self.dim, (self.stage1_dim, s), generator=generator)
-            signs = torch.randint(0, 2, (self.stage1_dim, s), generator=generator).float() * 2 - 1
-            cols = torch.arange(self.stage1_dim).repeat_interleave(s)
-            # S (d x D1): column j has s entries +-1/sqrt(s) at random rows (duplicates add up)
-            matrix = torch.sparse_coo_tensor(
-                torch.stack([rows.reshape(-1), cols]),
-                signs.reshape(-1) / math.sqrt(s),
-                (self.dim, self.stage1_dim),
-                check_invariants=True,
-            ).coalesce()
-            mats["stage2"] = matrix.to(device)
+            slots = self.stage1_dim * s
+            per_row = -(-slots // self.dim)
+            order = torch.randperm(self.dim * per_row, generator=generator).reshape(self.dim, per_row)
+            signs = torch.randint(0, 2, (self.dim, per_row), generator=generator).float() * 2 - 1
+            used = order < slots
+            index = torch.where(used, order // s, 0)
+            signs = torch.where(used, signs / math.sqrt(s), 0.0)
+            mats["stage2"] = (index.reshape(-1).to(device), signs.to(device))
         self._matrices[key] = mats
         return mats
 
@@ -341,7 +356,7 @@ class FactoredProjector(Projector):
             calls[i] = grads[i] = None  # free each layer's tensors once used
             if g is None:
                 g = torch.zeros_like(output)
-            if layer.module in seen and self.norms == "exact":
+            if layer.module in seen and self.norms != "projected":
                 raise GradientError(
                     f"module {layer.module!r} runs more than once per forward pass; exact factored norms need "
                     "one call per module: use norms='projected' or --projector dense."
@@ -365,7 +380,10 @@ class FactoredProjector(Projector):
             return stage1
         if self.second_stage == "dense":
             return stage1 @ mats["stage2"]
-        return torch.sparse.mm(mats["stage2"], stage1.T).T.contiguous()  # (d x D1) sparse @ (D1 x R)
+        index, signs = mats["stage2"]  # phi_r = sum_j S_rj v_j over the m slots of row r
+        gathered = stage1.T.contiguous().index_select(0, index)  # whole rows: (d m, R)
+        summed = torch.bmm(signs[:, None, :], gathered.reshape(self.dim, -1, stage1.shape[0]))  # (d, 1, R)
+        return summed[:, 0].T.contiguous()
 
     def _forward_features(
         self, layer: FactoredLayer, module: nn.Module, x: Tensor, mats: dict
@@ -418,7 +436,7 @@ class FactoredProjector(Projector):
     ) -> tuple[Tensor, Tensor | None]:
         """The layer's stage-1 block ``(R, size)`` and, for exact norms, ``||G||_F^2`` per row ``(R,)``."""
         rows = x.shape[0]
-        exact = self.norms == "exact"
+        exact = self.norms != "projected"
         if layer.kind == "groupnorm":
             parts = []
             g = g.reshape(rows, layer.out_dim, -1)
@@ -444,6 +462,18 @@ class FactoredProjector(Projector):
         block = block.reshape(rows, -1)
         if not exact:
             return block, None
+        if layer.identity_in and layer.identity_out:
+            return block, block.pow(2).sum(dim=1)  # the block is G itself
+        if self.norms == "auto":
+            positions = g_pos.shape[1]
+            gram_cost = positions * positions * (layer.out_dim + layer.in_dim)
+            projection_cost = positions * (
+                (0 if layer.identity_in else layer.in_dim * layer.k_in)
+                + (0 if layer.identity_out else layer.out_dim * layer.k_out)
+                + layer.k_in * layer.k_out
+            )
+            if gram_cost > projection_cost:
+                return block, block.pow(2).sum(dim=1)  # E ||B G A^T||^2 = ||G||^2
         return block, self._exact_sq_norm(layer, module, x, x_pos, g_pos)
 
     def _exact_sq_norm(

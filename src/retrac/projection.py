@@ -342,7 +342,7 @@ def make_projector(
             projector_seed(seed, checkpoint_index),
             layer_dim=settings.get("layer_dim", DEFAULT_LAYER_DIM),
             second_stage=settings.get("second_stage", "sparse"),
-            norms=settings.get("norms", "exact"),
+            norms=settings.get("norms", "auto"),
         )
     raise ConfigError(f"projector {kind!r} is unknown; choose one of {', '.join(PROJECTOR_KINDS)}.")
 
