@@ -29,11 +29,13 @@ the ratios ReTrac / TracIn; the ``*_stratified`` keys repeat the figures on the 
 
 Usage::
 
-    python benchmarks/paper.py --out /tmp/paper --threads 1      # ~15-20 min on 2 busy CPU cores
+    python benchmarks/paper.py --out /tmp/paper --threads 1      # 31 min measured on 2 shared, busy cores:
+                                                                 # stores 10 + 5 min, queries 2 min, 2 x 6 min
     python benchmarks/paper.py --out /tmp/paper-quick --quick    # 4 epochs, 8 + 8 queries (~3 min)
 
-``--out`` keeps every artifact (trained demo, stores, indexes, ``report/bias.html``); a trained demo
-of the same configuration found there is reused, as are complete stores.
+``--out`` keeps every artifact (trained demo, stores, indexes, the query images
+``queries-H-G.npy``, ``report/bias-replay.html`` and ``report/bias-stratified.html``); a trained
+demo of the same configuration found there is reused, as are complete stores, indexes and queries.
 """
 
 from __future__ import annotations
@@ -156,12 +158,17 @@ def main() -> None:
         )
 
     began = time.perf_counter()
-    final = checkpoints[-1]
-    generated = generate_images(
-        load_unet(final), load_scheduler(final), max(num_generated, 1), seed=config.seed, progress=False
-    )[:num_generated]
     heldout = load_dataset(summary["heldout"]).subset(range(num_heldout))
-    queries = torch.cat([heldout.images, generated])
+    queries_path = out / f"queries-{num_heldout}-{num_generated}.npy"  # held-out then generated
+    if queries_path.is_file():
+        queries = torch.from_numpy(np.load(queries_path))
+    else:
+        final = checkpoints[-1]
+        generated = generate_images(
+            load_unet(final), load_scheduler(final), max(num_generated, 1), seed=config.seed, progress=False
+        )[:num_generated]
+        queries = torch.cat([heldout.images, generated])
+        np.save(queries_path, queries.numpy())
     captions = [f"held-out {i} (label {int(y)})" for i, y in zip(heldout.ids, heldout.labels, strict=True)]
     captions += [f"generated {i}" for i in range(num_generated)]
     emit(
