@@ -20,7 +20,7 @@ Setup (Xie et al., TMLR 2024, section 5, scaled down to the demo):
   exact): distinct samples over all lists, generally influential samples (in the top-k of at least
   ``max(2, ceil(0.1 Q))`` queries), the share of planted outliers in the top-k lists, the Spearman
   correlation of norm and timestep over the replay events, and of a sample's mean influence with the
-  mean gradient norm of its events.
+  mean gradient norm (and the mean timestep) of its events.
 
 Prints one JSON line per stage and, as the last line, one JSON object with ``unique_topk_tracin``,
 ``unique_topk_retrac``, ``general_influential_tracin``, ``general_influential_retrac``,
@@ -31,7 +31,7 @@ Usage::
 
     python benchmarks/paper.py --out /tmp/paper --threads 1      # 31 min measured on 2 shared, busy cores:
                                                                  # stores 10 + 5 min, queries 2 min, 2 x 6 min
-    python benchmarks/paper.py --out /tmp/paper-quick --quick    # 4 epochs, 8 + 8 queries (~3 min)
+    python benchmarks/paper.py --out /tmp/paper-quick --quick    # 4 epochs, 3 checkpoints, 8 + 8 queries
 
 ``--out`` keeps every artifact (trained demo, stores, indexes, the query images
 ``queries-H-G.npy``, ``report/bias-replay.html`` and ``report/bias-stratified.html``); a trained
@@ -235,6 +235,14 @@ def main() -> None:
                 f"norm_timestep_spearman{suffix}": round(m.norm_timestep_spearman, 4),
                 f"influence_norm_spearman_tracin{suffix}": round(m.influence_norm_spearman["tracin"], 4),
                 f"influence_norm_spearman_retrac{suffix}": round(m.influence_norm_spearman["retrac"], 4),
+                f"influence_timestep_spearman_tracin{suffix}": round(
+                    m.influence_timestep_spearman["tracin"], 4
+                ),
+                f"influence_timestep_spearman_retrac{suffix}": round(
+                    m.influence_timestep_spearman["retrac"], 4
+                ),
+                f"max_frequency_share_tracin{suffix}": round(tracin.max_frequency_share, 4),
+                f"max_frequency_share_retrac{suffix}": round(retrac.max_frequency_share, 4),
             }
         )
     final_record["outlier_base_rate"] = round(measured["replay"].topk["tracin"].outlier_base_rate, 6)
