@@ -31,6 +31,16 @@ def make_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One torch thread for the whole suite: on a 2-core machine shared with other work, a second
+    OpenMP thread per process makes gradient-heavy tests many times slower, never faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()
