@@ -12,15 +12,6 @@ from retrac.projection import make_projector
 from retrac.task import DiffusionTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on a shared 2-core machine a second OpenMP thread makes these tests ~30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def autograd_gradient(task: DiffusionTask, image, t, noise, label=None) -> torch.Tensor:
     """The reference: one sample, one event, plain autograd, flattened in parameter order."""
     task.model.zero_grad(set_to_none=True)

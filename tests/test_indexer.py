@@ -26,15 +26,6 @@ from retrac.task import DiffusionTask
 N = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on a shared 2-core machine a second OpenMP thread makes these tests ~30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 SMALL = {"events": "stratified:2", "dim": 32, "shard_rows": 4, "batch_size": 3}
 
 

@@ -13,15 +13,6 @@ from retrac.projection import DenseProjector, ExactProjector, make_projector, pr
 from retrac.task import DiffusionTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on a shared 2-core machine a second OpenMP thread makes these tests ~30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def exact_gradients(tiny_unet, scheduler, images):
     """Per-sample gradients ``(12, P)`` of the tiny UNet: 6 images x 2 events."""
