@@ -49,15 +49,6 @@ RECORD_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on a shared 2-core machine a second OpenMP thread makes these tests much slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _training_set() -> ImageDataset:
     generator = torch.Generator().manual_seed(0)
     images = torch.rand((N_DISTINCT, 1, 8, 8), generator=generator) * 2 - 1
