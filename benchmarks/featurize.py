@@ -11,9 +11,31 @@ The first line printed is one JSON object::
     {"benchmark": "featurize", "exact_sample_events_per_s": ..., "dense_sample_events_per_s": ...,
      "dense_over_exact": ..., ...}
 
+Then, in the same run, the factored projector against its baseline and its ceiling at ``d = --factored-dim``
+(4096) on (a) the demo UNet and (b) a CIFAR-10-scale ``UNet2DModel`` (block_out_channels
+(128, 256, 256, 256), layers_per_block 2, 32x32x3, diffusers' default block types, random weights,
+about 36M parameters), all on the same batch of rows (sample-events):
+
+* ``factored``: ``FactoredProjector.featurize_rows`` (one forward and one backward pass for all rows);
+  the one-off generation of its seeded matrices is reported apart.
+* ``trak``: the TRAK-style baseline, vmap per-sample gradients (``flat_per_sample_gradients``) and trak's
+  ``BasicProjector`` (Gaussian, regenerated block by block on every call, as trak does). On the demo
+  UNet it runs whole (``DenseProjector``). At CIFAR scale ``P x d`` is 36M x 4096 floats (about
+  600 GB) and does not fit in memory, and even one trak block of 100 columns is 15 GB: it is run
+  blockwise with blocks of ``--trak-block`` columns, timing ``--trak-blocks`` of the ``d / block``
+  blocks (generation + product) and scaling by the block count; the per-sample gradients are
+  timed on ``--trak-rows`` rows.
+* ``trainstep``: a plain batched training step (forward, backward, SGD step) on the same rows: the
+  ceiling.
+
+The last line printed is one JSON object with ``factored_over_trak_cifar``,
+``factored_over_trainstep_cifar``, ``factored_over_trainstep_demo`` (ratios of sample-events per
+second) and the rates behind them.
+
 Usage::
 
-    python benchmarks/featurize.py                    # 64 digits x stratified:4, d=1024, CPU (~1-2 min on 2 cores)
+    python benchmarks/featurize.py                    # ~10 min on 2 shared CPU cores
+    python benchmarks/featurize.py --quick            # fewer rows and blocks (~3-4 min)
     python benchmarks/featurize.py --device cuda --samples 512
 """
 
@@ -29,8 +51,11 @@ import torch
 
 from retrac.checkpoints import resolve_checkpoint, save_checkpoint
 from retrac.demo import build_demo_scheduler, build_demo_unet, digits_dataset
+from retrac.factored import FactoredProjector
+from retrac.gradients import flat_per_sample_gradients
 from retrac.indexer import IndexConfig, featurize_dataset
 from retrac.projection import DenseProjector, projector_seed
+from retrac.task import DiffusionTask
 
 
 def measure(checkpoint, data, out: Path, config: IndexConfig, device: str) -> float:
@@ -42,6 +67,191 @@ def measure(checkpoint, data, out: Path, config: IndexConfig, device: str) -> fl
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int = 1) -> float:
+    """Mean seconds of ``fn()`` over ``repeats`` calls."""
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - started) / repeats
+
+
+def cifar_unet():
+    """A CIFAR-10-scale ``UNet2DModel`` (about 36M parameters), random weights."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+    )
+
+
+def rows_for(task: DiffusionTask, rows: int, device: str):
+    """``rows`` sample-events ``(x_t, t, target)`` on ``device``."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand((rows, *task.sample_shape), generator=generator) * 2 - 1
+    timesteps = torch.randint(0, task.num_train_timesteps, (rows,), generator=generator)
+    noise = torch.randn((rows, *task.sample_shape), generator=generator)
+    x_t, target = task.noisy_inputs(images.to(device), timesteps.to(device), noise.to(device))
+    return x_t, timesteps.to(device), target
+
+
+def trainstep_rate(task: DiffusionTask, x_t, t, target, device: str, repeats: int) -> float:
+    """Sample-events per second of a plain batched training step (the ceiling)."""
+    model = task.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+    def step():
+        loss = task.objective_from_output(task.model_output(x_t, t), target).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    step()  # warm-up
+    seconds = timed(step, device, repeats)
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    return x_t.shape[0] / seconds
+
+
+def factored_rate(
+    task: DiffusionTask, x_t, t, target, dim: int, device: str, repeats: int
+) -> tuple[float, float]:
+    """(sample-events per second, one-off seconds to generate the seeded matrices)."""
+    projector = FactoredProjector(task, dim, projector_seed(0, 0))
+    setup = timed(lambda: projector._device_matrices(torch.device(device)), device)
+    projector.featurize_rows(task, x_t[:2], t[:2], target[:2])  # warm-up
+    seconds = timed(lambda: projector.featurize_rows(task, x_t, t, target), device, repeats)
+    return x_t.shape[0] / seconds, setup
+
+
+def trak_rate_whole(task: DiffusionTask, x_t, t, target, dim: int, device: str) -> float:
+    """TRAK-style baseline run whole: vmap per-sample gradients + trak BasicProjector (``DenseProjector``)."""
+    projector = DenseProjector(task.num_parameters, dim, projector_seed(0, 0))
+    projector.featurize_rows(task, x_t[:2], t[:2], target[:2])  # warm-up (trak import, vmap tracing)
+    seconds = timed(lambda: projector.featurize_rows(task, x_t, t, target), device)
+    return x_t.shape[0] / seconds
+
+
+def trak_rate_blockwise(
+    task: DiffusionTask, x_t, t, target, dim: int, device: str, block: int, blocks: int, batch: int
+) -> dict:
+    """TRAK-style baseline where ``P x d`` does not fit: gradients timed whole, projection by blocks.
+
+    trak's ``BasicProjector.project`` regenerates each block of ``block`` columns of ``P`` from its
+    seed on every call and multiplies it with the call's gradients. We time, on ``blocks`` of the
+    ``ceil(d / block)`` blocks, the generation (paid once per call, so shared by the ``batch`` rows
+    of a call: the same batch the factored projector gets) and the product with the gradients of
+    the ``len(x_t)`` rows, and scale both to all blocks. ``rate_no_generation`` is the rate if ``P``
+    cost nothing to produce (a lower bound on the baseline's cost).
+    """
+    from trak.projectors import BasicProjector, ProjectionType
+
+    rows = x_t.shape[0]
+    flat_per_sample_gradients(task, x_t[:1], t[:1], target[:1])  # warm-up (vmap tracing)
+    holder = {}
+
+    def gradients():
+        holder["grads"] = flat_per_sample_gradients(task, x_t, t, target)
+
+    grad_seconds = timed(gradients, device)
+    grads = holder.pop("grads")
+    projector = BasicProjector(
+        grad_dim=task.num_parameters,
+        proj_dim=dim,
+        seed=projector_seed(0, 0),
+        proj_type=ProjectionType.normal,
+        device=torch.device(device),
+        block_size=block,
+        dtype=torch.float32,
+    )
+    projector.generate_sketch_matrix(projector.generator_states[0])  # warm-up
+    generate = product = 0.0
+    for index in range(1, blocks + 1):
+        generate += timed(
+            lambda i=index: projector.generate_sketch_matrix(projector.generator_states[i]), device
+        )
+        product += timed(lambda: grads @ projector.proj_matrix, device)
+    num_blocks = projector.num_blocks
+    generate_per_row = generate / blocks * num_blocks / batch  # once per call of `batch` rows
+    product_per_row = product / blocks * num_blocks / rows
+    gradient_per_row = grad_seconds / rows
+    return {
+        "rate": 1.0 / (gradient_per_row + product_per_row + generate_per_row),
+        "rate_no_generation": 1.0 / (gradient_per_row + product_per_row),
+        "rows": rows,
+        "batch_rows_per_call": batch,
+        "gradient_seconds_per_row": round(gradient_per_row, 3),
+        "product_seconds_per_row": round(product_per_row, 3),
+        "generation_seconds_per_call": round(generate / blocks * num_blocks, 1),
+        "generation_seconds_per_row": round(generate_per_row, 3),
+        "block_columns": block,
+        "blocks_timed": blocks,
+        "num_blocks": num_blocks,
+    }
+
+
+def projector_comparison(args) -> dict:
+    """factored vs trak baseline vs training step on the demo and the CIFAR-scale UNet."""
+    from diffusers import DDPMScheduler
+
+    dim, device = args.factored_dim, args.device
+    out: dict = {"benchmark": "featurize_factored", "dim": dim, "device": device}
+    for name, model, rows in (
+        ("demo", build_demo_unet(), args.demo_rows),
+        ("cifar", cifar_unet(), args.cifar_rows),
+    ):
+        torch.manual_seed(0)
+        task = DiffusionTask(model.to(device), DDPMScheduler(num_train_timesteps=1000))
+        x_t, t, target = rows_for(task, rows, device)
+        repeats = 3 if name == "demo" else 1
+        factored, setup = factored_rate(task, x_t, t, target, dim, device, repeats)
+        trainstep = trainstep_rate(task, x_t, t, target, device, repeats)
+        if name == "demo":
+            trak = {"rate": trak_rate_whole(task, x_t, t, target, dim, device), "rows": rows, "how": "whole"}
+        else:
+            n = min(args.trak_rows, rows)
+            trak = trak_rate_blockwise(
+                task, x_t[:n], t[:n], target[:n], dim, device, args.trak_block, args.trak_blocks, rows
+            )
+            trak["how"] = (
+                f"blockwise: P x d = {task.num_parameters} x {dim} float32 "
+                f"({task.num_parameters * dim * 4 / 1e9:.0f} GB) does not fit; per-sample gradients of {n} rows timed, "
+                f"{trak['blocks_timed']} of {trak['num_blocks']} trak blocks of {args.trak_block} columns timed "
+                f"(generation, once per call of {rows} rows, and product) and scaled"
+            )
+            no_generation = trak.pop("rate_no_generation")
+        record = FactoredProjector(task, dim, 0).to_dict()
+        out[name] = {
+            "num_parameters": task.num_parameters,
+            "rows": rows,
+            "factored_sample_events_per_s": round(factored, 3),
+            "factored_setup_s": round(setup, 2),
+            "factored_stage1_dim": record["stage1_dim"],
+            "factored_uncovered_share": record["uncovered_share"],
+            "factored_norm_kind": record["norm_kind"],
+            "trak_sample_events_per_s": round(trak.pop("rate"), 5),
+            "trak": trak,
+            "trainstep_sample_events_per_s": round(trainstep, 3),
+        }
+        out[f"factored_over_trak_{name}"] = round(factored / out[name]["trak_sample_events_per_s"], 2)
+        out[f"factored_over_trainstep_{name}"] = round(factored / trainstep, 3)
+        if name == "cifar":
+            out["factored_over_trak_cifar_no_generation"] = round(factored / no_generation, 2)
+        del task, model, x_t, target
+    return out
 
 
 def main() -> None:
@@ -56,9 +266,36 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    parser.add_argument(
+        "--factored-dim", type=int, default=4096, help="d of factored vs trak (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--demo-rows", type=int, default=64, help="sample-events per batch, demo (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--cifar-rows",
+        type=int,
+        default=16,
+        help="sample-events per batch, CIFAR scale (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trak-rows",
+        type=int,
+        default=4,
+        help="rows of the CIFAR-scale trak baseline (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trak-block", type=int, default=8, help="columns per trak block (default: %(default)s)"
+    )
+    parser.add_argument("--trak-blocks", type=int, default=3, help="trak blocks timed (default: %(default)s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="16 digits, 8 CIFAR rows, 2 trak rows and blocks"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quick:
+        args.samples, args.cifar_rows, args.trak_rows, args.trak_blocks = 16, 8, 2, 2
 
     torch.manual_seed(0)
     data = digits_dataset().subset(range(args.samples))
@@ -104,7 +341,8 @@ def main() -> None:
         "exact_seconds": round(exact_s, 2),
         "dense_seconds": round(dense_s, 2),
     }
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
+    print(json.dumps(projector_comparison(args)))
 
 
 if __name__ == "__main__":

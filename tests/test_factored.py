@@ -147,7 +147,7 @@ def test_batch_size_and_event_grouping_do_not_change_results(tiny_unet, schedule
     noise = torch.randn((6, 3, 1, 8, 8), generator=generator)
     whole, whole_norms = projected_gradients(task, projector, images, timesteps, noise)  # 18 rows, one pass
     chunked, chunked_norms = projected_gradients(task, projector, images, timesteps, noise, max_rows=4)
-    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(chunked_norms, whole_norms, rtol=1e-5, atol=1e-6)
     for s in range(3):  # one event at a time, two samples at a time
         for b in range(0, 6, 2):
@@ -158,7 +158,7 @@ def test_batch_size_and_event_grouping_do_not_change_results(tiny_unet, schedule
                 timesteps[b : b + 2, s : s + 1],
                 noise[b : b + 2, s : s + 1],
             )
-            torch.testing.assert_close(part[:, 0], whole[b : b + 2, s], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(part[:, 0], whole[b : b + 2, s], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(part_norms[:, 0], whole_norms[b : b + 2, s], rtol=1e-5, atol=1e-6)
 
 
@@ -254,7 +254,7 @@ def test_store_and_query_side_give_identical_features(tmp_path, capsys):
         events = StoreEvents(num_timesteps=2, num_noise=1, fixed_noise=noise[:, None])
         attributor = Attributor(tmp_path / "tracin", query_events=events, progress=False)
         (query,) = attributor.query_features(data.images[row : row + 1])
-        np.testing.assert_allclose(query[0, :, 0], store.features(0)[row], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(query[0, :, 0], store.features(0)[row], rtol=1e-4, atol=1e-5)
 
     # the CLI offers the factored projector
     code = main(

@@ -49,7 +49,7 @@ __all__ = ["FACTORED_NORMS", "FACTORED_SECOND_STAGES", "FactoredLayer", "Factore
 
 FACTORED_SECOND_STAGES = ("sparse", "dense", "none")
 FACTORED_NORMS = ("auto", "exact", "projected")
-DEFAULT_LAYER_DIM = 32  # k_in = min(I, 32), k_out = min(O, 32): at most 1024 stage-1 entries per layer
+DEFAULT_LAYER_DIM = 128  # k_in = min(I, 128), k_out = min(O, 128): at most 16384 stage-1 entries per layer
 SPARSE_NONZEROS = 4  # entries per input coordinate of the sparse second stage
 NORM_CHUNK_FLOATS = 16 << 20  # transient floats per row chunk when forming G for exact norms
 
