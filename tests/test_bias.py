@@ -32,16 +32,6 @@ from retrac.indexer import IndexConfig, featurize_dataset
 from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
 from retrac.report.bias import write_bias_report
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on a shared 2-core machine a second OpenMP thread makes these tests much slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------- top-k statistics by hand
 TOPK = np.array([[0, 1, 2], [0, 3, 4], [0, 1, 5], [6, 7, 0]])  # Q = 4 queries, k = 3, N = 10
 
