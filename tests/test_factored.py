@@ -277,3 +277,16 @@ def test_store_and_query_side_give_identical_features(tmp_path, capsys):
     )
     assert code == 0 and "factored" in capsys.readouterr().out
     assert FeatureStore.open(tmp_path / "cli").attrs["projectors"][0]["kind"] == "factored"
+
+
+def test_forming_g_equals_factored_order(tiny_unet, scheduler, monkeypatch):
+    """Both orders, sum_p (B g_p)(A x_p)^T and B (sum_p g_p x_p^T) A^T, give the same features."""
+    task = DiffusionTask(tiny_unet, scheduler)
+    x_t, t, target, _ = rows_of(task, count=3)
+    projector = FactoredProjector(task, 128, seed=2, layer_dim=6, norms="exact")
+    results = {}
+    for formed in (False, True):
+        monkeypatch.setattr(FactoredProjector, "_materialize", staticmethod(lambda *args, f=formed: f))
+        results[formed] = projector.featurize_rows(task, x_t, t, target)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)

@@ -393,6 +393,8 @@ class FactoredProjector(Projector):
             return F.group_norm(x, module.num_groups, eps=module.eps)  # xhat, (R, C, ...)
         a, _ = mats[layer.module]
         rows = x.shape[0]
+        if self._materialize(layer, module, x):
+            return None  # G is formed in the backward pass instead (cheaper for this layer)
         if layer.kind == "linear":
             x = x.reshape(rows, -1, module.in_features)
             if layer.weight is None:
@@ -431,6 +433,59 @@ class FactoredProjector(Projector):
             size.append((x.shape[2 + i] + 2 * module.padding[i] - span) // module.stride[i] + 1)
         return size[0], size[1]
 
+    @staticmethod
+    def _materialize(layer: FactoredLayer, module: nn.Module, x: Tensor) -> bool:
+        """Whether forming ``G`` and then ``B G A^T`` costs less than ``sum_p (B g_p)(A x_p)^T``.
+
+        The two orders give the same features (up to float rounding); forming ``G`` wins when a side
+        is small, e.g. a convolution with few output channels and a long unfolded input.
+        """
+        if layer.weight is None:
+            return False
+        if layer.kind == "linear":
+            positions = x.numel() // max(1, x.shape[0] * module.in_features)
+        else:
+            h, w = FactoredProjector._conv_out_size(module, x)
+            positions = h * w
+        i, o, k_in, k_out = layer.in_dim, layer.out_dim, layer.k_in, layer.k_out
+        factored = positions * (
+            (0 if layer.identity_in else i * k_in) + (0 if layer.identity_out else o * k_out) + k_in * k_out
+        )
+        formed = positions * o * i + (0 if layer.identity_out else k_out * o * i)
+        formed += 0 if layer.identity_in else k_out * i * k_in
+        return formed < factored
+
+    def _formed_features(
+        self, layer: FactoredLayer, module: nn.Module, x: Tensor, g: Tensor, mats: dict
+    ) -> tuple[Tensor, Tensor]:
+        """``B G A^T`` with ``G = [sum_p g_p x_p^T, sum_p g_p]`` formed a few rows at a time; ``||G||^2``."""
+        a, b = mats[layer.module]
+        rows = x.shape[0]
+        positions_first = layer.kind == "linear"
+        g_pos = g.reshape(rows, -1, layer.out_dim) if positions_first else g.reshape(rows, layer.out_dim, -1)
+        blocks, sq = [], []
+        step = max(
+            1, NORM_CHUNK_FLOATS // max(1, layer.in_dim * (layer.out_dim + g_pos[0].numel() // layer.out_dim))
+        )
+        for start in range(0, rows, step):
+            part = slice(start, start + step)
+            if positions_first:
+                xp = x[part].reshape(x[part].shape[0], -1, module.in_features)
+                gp = g_pos[part].transpose(1, 2)  # (r, O, Pos)
+            else:
+                xp = self._unfold(module, x[part]).transpose(1, 2)  # (r, L, C kh kw)
+                gp = g_pos[part]  # (r, O, L)
+            if layer.bias is not None:
+                xp = torch.cat([xp, xp.new_ones((*xp.shape[:2], 1))], dim=2)
+            grad = torch.bmm(gp, xp)  # G = sum_p g_p x'_p^T: (r, O, I')
+            sq.append(grad.pow(2).sum(dim=(1, 2)))
+            if b is not None:
+                grad = torch.matmul(b, grad)  # (r, k_out, I')
+            if a is not None:
+                grad = torch.matmul(grad, a.T)  # (r, k_out, k_in)
+            blocks.append(grad.reshape(grad.shape[0], -1))
+        return torch.cat(blocks), torch.cat(sq)
+
     def _layer_features(
         self, layer: FactoredLayer, module: nn.Module, x: Tensor, ax: Tensor, g: Tensor, mats: dict
     ) -> tuple[Tensor, Tensor | None]:
@@ -446,6 +501,9 @@ class FactoredProjector(Projector):
                 parts.append(g.sum(dim=2))  # sum_p g_p
             block = torch.cat(parts, dim=1)
             return block, (block.pow(2).sum(dim=1) if exact else None)
+        if ax is None:  # G formed (see _materialize): its norm is exact at no extra cost
+            block, sq = self._formed_features(layer, module, x, g, mats)
+            return block, (sq if exact else None)
         _, b = mats[layer.module]
         if layer.kind == "linear":
             g = g.reshape(rows, -1, layer.out_dim)  # (R, Pos, O)
