@@ -26,7 +26,7 @@ from retrac.task import DiffusionTask
 N = 10
 
 
-SMALL = {"events": "stratified:2", "dim": 32, "shard_rows": 4, "batch_size": 3}
+SMALL = {"events": "stratified:2", "projector": "dense", "dim": 32, "shard_rows": 4, "batch_size": 3}
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,8 @@ def cli_args(ws, out, *extra):
     return args + [
         "--events",
         "stratified:2",
+        "--projector",
+        "dense",
         "--dim",
         "32",
         "--shard-rows",

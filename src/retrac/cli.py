@@ -94,7 +94,7 @@ def _add_index(sub) -> None:
     )
     p.add_argument(
         "--projector",
-        default="dense",
+        default="factored",
         choices=["exact", "dense", "factored"],
         help="factored: per-layer projection from layer hooks, never forms per-sample gradients (default: %(default)s)",
     )

@@ -19,6 +19,11 @@ Kinds:
   ``E <P g, P g'> = <g, g'>``. Backend ``fast_jl`` uses trak's ``CudaProjector`` (Rademacher,
   custom CUDA kernel) instead; it needs the ``fast_jl`` package and a CUDA device, and is never
   substituted for, nor by, ``basic``: the two give different matrices.
+* ``factored`` (:mod:`retrac.factored`, the indexer's default): per-layer LoGra-style projections
+  ``sum_p (B g_p)(A x_p)^T`` from forward/backward hooks on ``nn.Linear`` / ``nn.Conv2d`` (GroupNorm
+  kept whole), then a sparse JL second stage to ``d``; never forms the per-sample gradient, all rows
+  of a chunk in one forward and backward pass. Its record carries ``layer_dim``, ``second_stage``,
+  ``norms`` and the parameters it does not cover.
 """
 
 from __future__ import annotations
