@@ -249,6 +249,24 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_query_event_options(p: argparse.ArgumentParser) -> None:
+    """``--events`` / ``--seed`` / ``--device``: how query gradients are computed (query, report)."""
+    p.add_argument(
+        "--events",
+        default="default",
+        choices=["default", "fast", "paper"],
+        help="query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the query noise (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device for the gradients (default: %(default)s)")
+
+
+def _query_events(args: argparse.Namespace):
+    from retrac.query.attribution import QueryEvents
+
+    return QueryEvents.preset(args.events, args.seed)
+
+
 def _add_query(sub) -> None:
     p = sub.add_parser(
         "query",
@@ -267,14 +285,7 @@ def _add_query(sub) -> None:
     p.add_argument(
         "--opponents", action="store_true", help="the most negative scores instead of the most positive"
     )
-    p.add_argument(
-        "--events",
-        default="default",
-        choices=["default", "fast", "paper"],
-        help="query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the query noise (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device for the gradients (default: %(default)s)")
+    _add_query_event_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_run_query)
 
@@ -283,12 +294,12 @@ def _run_query(args: argparse.Namespace) -> int:
     import json
 
     from retrac.data import load_dataset
-    from retrac.query.attribution import Attributor, QueryEvents
+    from retrac.query.attribution import Attributor
 
     images = load_dataset(args.images)
     attributor = Attributor(
         args.index,
-        query_events=QueryEvents.preset(args.events, args.seed),
+        query_events=_query_events(args),
         device=args.device,
         progress=not args.json,
     )
@@ -433,14 +444,7 @@ def _add_report(sub) -> None:
         metavar="FILE",
         help="planted outlier ids: planted.json, a JSON list or one id a line",
     )
-    p.add_argument(
-        "--events",
-        default="default",
-        choices=["default", "fast", "paper"],
-        help="query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the query noise (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device for the gradients (default: %(default)s)")
+    _add_query_event_options(p)
     p.add_argument("--title", default="retrac: timestep-induced bias", help="page title")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_report)
@@ -452,14 +456,14 @@ def _run_report(args: argparse.Namespace) -> int:
     from retrac.bias import load_outlier_ids, measure_bias
     from retrac.data import load_dataset
     from retrac.errors import DataError
-    from retrac.query.attribution import Attributor, QueryEvents
+    from retrac.query.attribution import Attributor
     from retrac.report.bias import write_bias_report
 
     images = load_dataset(args.images)
     attributor = Attributor(
         args.index,
         store=args.store,
-        query_events=QueryEvents.preset(args.events, args.seed),
+        query_events=_query_events(args),
         device=args.device,
         progress=not args.no_progress,
     )
