@@ -22,15 +22,6 @@ from retrac.query.attribution import Attributor, QueryEvents, build_attribution_
 from retrac.task import DiffusionTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on a shared 2-core machine a second OpenMP thread makes these tests ~30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def rows_of(task: DiffusionTask, count: int = 6, seed: int = 0, labels: bool = False):
     """``count`` rows of model inputs ``(x_t, t, target, labels)`` for the tiny UNet."""
     generator = torch.Generator().manual_seed(seed)
