@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import Tensor
 
 from retrac.data import ImageDataset
-from retrac.report.html import image_cell, save_png, write_page
+from retrac.report.html import TrainThumbnails, image_cell, save_png, write_page
 
 SCORE_NOTE = (
     "Score I(z, z') = sum_k w_k &lt;u_k(z), q_k(z')&gt;: positive = proponent (a training step on z lowers the "
@@ -40,14 +40,7 @@ def attribution_table(
     images_dir = Path(out_dir) / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     flagged = set(flagged)
-    written: set[int] = set()
-
-    def train_png(row: int) -> str:
-        name = f"train-{row}.png"
-        if row not in written:
-            save_png(train.images[row], images_dir / name)
-            written.add(row)
-        return f"images/{name}"
+    train_png = TrainThumbnails(train.images, images_dir)
 
     methods = list(results)
     head = "<tr><th>query</th>" + "".join(

@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 from retrac.data import ImageDataset
-from retrac.report.html import image_cell, save_png, write_page
+from retrac.report.html import TrainThumbnails, image_cell, save_png, write_page
 
 VERDICT_ORDER = {"copy": 0, "near": 1, "novel": 2}
 
@@ -23,14 +23,7 @@ def write_audit_report(out_dir: str | Path, result, train: ImageDataset, title: 
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    written: set[int] = set()
-
-    def train_png(row: int) -> str:
-        name = f"train-{row}.png"
-        if row not in written:
-            save_png(train.images[row], images_dir / name)
-            written.add(row)
-        return f"images/{name}"
+    train_png = TrainThumbnails(train.images, images_dir)
 
     summary = result.summary
     records = sorted(result.records, key=lambda r: (VERDICT_ORDER[r["verdict"]], r["relative_distance"]))

@@ -59,3 +59,22 @@ def write_page(path: str | Path, title: str, body: str) -> Path:
     tmp.write_text(page(title, body), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+class TrainThumbnails:
+    """PNG thumbnails of training images, each written once, named ``images/train-ROW.png`` in ``out_dir``.
+
+    Calling it with a training row returns the image's ``src`` relative to the page.
+    """
+
+    def __init__(self, train_images: Tensor, images_dir: str | Path) -> None:
+        self.train_images = train_images
+        self.images_dir = Path(images_dir)
+        self._written: set[int] = set()
+
+    def __call__(self, row: int) -> str:
+        name = f"train-{row}.png"
+        if row not in self._written:
+            save_png(self.train_images[row], self.images_dir / name)
+            self._written.add(row)
+        return f"images/{name}"
