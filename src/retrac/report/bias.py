@@ -33,6 +33,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path: str | Path) -> Path:
+    """Grid, legend, tight layout; save the figure to ``path`` and close it."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_norm_timestep(profiles, path: str | Path) -> Path:
     """Mean gradient norm per timestep bin (line) and its 10-90% band, one colour per checkpoint (log y)."""
     plt = _pyplot()
@@ -45,12 +55,7 @@ def plot_norm_timestep(profiles, path: str | Path) -> Path:
     ax.set_ylabel("gradient norm n_k(z, e)")
     ax.set_yscale("log")
     ax.set_title("Per-sample gradient norm vs timestep (mean, 10-90% band)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, path)
 
 
 def plot_topk_frequency(topk: dict, path: str | Path, shown: int = 60) -> Path:
@@ -67,12 +72,7 @@ def plot_topk_frequency(topk: dict, path: str | Path, shown: int = 60) -> Path:
     ax.set_xlabel("training samples, most frequent first")
     ax.set_ylabel("queries with the sample in top-k")
     ax.set_title("How often the same samples top the queries")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, path)
 
 
 def _fmt(value, digits: int = 3) -> str:
