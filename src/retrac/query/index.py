@@ -407,6 +407,11 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name}={value!r} must be a positive integer.")
 
 
+def _nonfinite_rows(array: np.ndarray) -> np.ndarray:
+    """Row numbers of ``(n, D)`` ``array`` that hold NaN or inf."""
+    return np.flatnonzero(~np.isfinite(array).all(axis=1))
+
+
 def _as_block(block: Any, dim: int, block_number: int, offset: int) -> np.ndarray:
     """Validate one block of train vectors and return it as C-contiguous float32 ``(n, D)``."""
     array = np.asarray(block)
@@ -419,9 +424,8 @@ def _as_block(block: Any, dim: int, block_number: int, offset: int) -> np.ndarra
     if not np.issubdtype(array.dtype, np.floating):
         raise DataError(f"block {block_number} has dtype {array.dtype}; pass float32 (or float16) vectors.")
     array = np.ascontiguousarray(array, dtype=np.float32)
-    finite = np.isfinite(array).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
+    bad = _nonfinite_rows(array)
+    if bad.size:
         rows = ", ".join(str(offset + int(i)) for i in bad[:5])
         raise DataError(
             f"block {block_number} holds non-finite (NaN or inf) vectors at rows {rows}"
@@ -441,9 +445,8 @@ def _as_queries(queries: Any, dim: int) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.floating):
         raise DataError(f"queries have dtype {array.dtype}; pass float32 query vectors.")
     array = np.ascontiguousarray(array, dtype=np.float32)
-    finite = np.isfinite(array).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
+    bad = _nonfinite_rows(array)
+    if bad.size:
         raise DataError(
             f"query rows {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} are not finite (NaN or "
             "inf); check the query images and their gradients."
