@@ -1,0 +1,174 @@
+"""Every artifact retrac writes goes through here (docs/design.md section 7).
+
+Files are written to a temporary sibling and moved into place with ``os.replace``, so a reader sees
+the old file or the new one, never a torn one. Whole output folders (an index, an audit, a report)
+are written into a temporary sibling folder and published with one rename by
+:func:`publish_directory`; a half-written folder is never read. :func:`record_differences` is the
+one walker that names how two records (configs, manifests) differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrac.errors import ConfigError
+
+DIGEST_CHUNK_BYTES = 8 << 20  # streamed file digests read this much at a time
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_via(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(temporary_path)`` and move the result to ``path`` in one rename.
+
+    Args:
+        path: The final file.
+        write: Writes the whole file at the path it is given (e.g. ``faiss.write_index``).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write_via(path, lambda p: Path(p).write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_via(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, record: Any, *, indent: int | None = 2) -> Path:
+    """Write ``record`` as JSON (sorted keys, strict: NaN and infinity are refused) atomically.
+
+    Raises:
+        ConfigError: ``record`` is not JSON-serialisable or holds a non-finite float.
+    """
+    try:
+        text = json.dumps(record, indent=indent, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{Path(path).name} is not valid JSON ({error}).") from None
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """Write ``arrays`` to an uncompressed ``.npz`` file atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    return atomic_write_via(path, write)
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write one array to a ``.npy`` file atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+
+    return atomic_write_via(path, write)
+
+
+@contextlib.contextmanager
+def publish_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole folder elsewhere, then publish it at ``target`` with one rename.
+
+    Yields a fresh temporary sibling of ``target``; when the block finishes without an error, an
+    existing ``target`` is moved aside, the new folder renamed into place and the old one removed.
+    On an error (or a kill) ``target`` keeps its old complete content and the temporary folder is
+    removed (or, after a kill, left as a hidden ``.NAME.tmp-*`` sibling that no reader opens).
+
+    Raises:
+        ConfigError: ``target`` exists and is not a folder, or its parent cannot be written.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out {target} is an existing file; choose a folder path.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = _temporary_sibling(target)
+        staging.mkdir()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write beside {target} ({error.strerror}); choose a writable --out."
+        ) from None
+    try:
+        yield staging
+        if target.exists():
+            old = _temporary_sibling(target)
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, streamed in ``DIGEST_CHUNK_BYTES`` reads."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(DIGEST_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str, error_class: type[Exception] = ConfigError) -> Any:
+    """Read a JSON file, turning a missing or corrupt file into ``error_class`` naming ``what``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error_class(f"{what} {path} is missing.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise error_class(f"{what} {path} is not valid JSON ({error}); it is damaged, rebuild it.") from None
+
+
+def record_differences(
+    expected: Any, actual: Any, prefix: str = "", *, actual_name: str = "found"
+) -> list[str]:
+    """Every place where ``actual`` differs from ``expected``, as ``"a.b: expected X, found Y"``.
+
+    Dictionaries are walked key by key (keys of ``expected`` only: ``actual`` may hold more);
+    other values are compared with ``==``.
+    """
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        out: list[str] = []
+        for key in expected:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in actual:
+                out.append(f"{name}: expected {expected[key]!r}, {actual_name} none")
+            else:
+                out.extend(record_differences(expected[key], actual[key], name, actual_name=actual_name))
+        return out
+    if expected != actual:
+        return [f"{prefix}: expected {expected!r}, {actual_name} {actual!r}"]
+    return []
