@@ -153,22 +153,66 @@ def read_json(path: str | os.PathLike, what: str, error_class: type[Exception] =
 
 
 def record_differences(
-    expected: Any, actual: Any, prefix: str = "", *, actual_name: str = "found"
+    expected: Any,
+    actual: Any,
+    prefix: str = "",
+    *,
+    expected_name: str = "expected",
+    actual_name: str = "found",
+    both_ways: bool = False,
 ) -> list[str]:
-    """Every place where ``actual`` differs from ``expected``, as ``"a.b: expected X, found Y"``.
+    """Every place where ``actual`` differs from ``expected``, as ``"a.b[1]: expected X, found Y"``.
 
-    Dictionaries are walked key by key (keys of ``expected`` only: ``actual`` may hold more);
-    other values are compared with ``==``.
+    Dictionaries are walked key by key: the keys of ``expected`` (``actual`` may hold more), or with
+    ``both_ways`` the keys of either, sorted; a key that one side lacks reads ``none`` there. Lists of
+    equal length are walked item by item; other values are compared with ``==``.
+
+    Args:
+        expected: The record asked for (e.g. the settings given).
+        actual: The record found (e.g. a manifest read from disk).
+        prefix: Name of the position of both records (``""`` at the top).
+        expected_name: How the lines name ``expected``'s values (``"stored"``, say).
+        actual_name: How the lines name ``actual``'s values (``"given"``, ``"index has"``, say).
+        both_ways: Also name keys that only ``actual`` holds.
+
+    Returns:
+        One line per differing leaf; empty when the records agree.
     """
     if isinstance(expected, dict) and isinstance(actual, dict):
+        keys = sorted(set(expected) | set(actual), key=str) if both_ways else list(expected)
         out: list[str] = []
-        for key in expected:
+        for key in keys:
             name = f"{prefix}.{key}" if prefix else str(key)
             if key not in actual:
-                out.append(f"{name}: expected {expected[key]!r}, {actual_name} none")
+                out.append(f"{name}: {expected_name} {expected[key]!r}, {actual_name} none")
+            elif key not in expected:
+                out.append(f"{name}: {expected_name} none, {actual_name} {actual[key]!r}")
             else:
-                out.extend(record_differences(expected[key], actual[key], name, actual_name=actual_name))
+                out.extend(
+                    record_differences(
+                        expected[key],
+                        actual[key],
+                        name,
+                        expected_name=expected_name,
+                        actual_name=actual_name,
+                        both_ways=both_ways,
+                    )
+                )
+        return out
+    if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
+        out = []
+        for i, (a, b) in enumerate(zip(expected, actual, strict=True)):
+            out.extend(
+                record_differences(
+                    a,
+                    b,
+                    f"{prefix}[{i}]",
+                    expected_name=expected_name,
+                    actual_name=actual_name,
+                    both_ways=both_ways,
+                )
+            )
         return out
     if expected != actual:
-        return [f"{prefix}: expected {expected!r}, {actual_name} {actual!r}"]
+        return [f"{prefix}: {expected_name} {expected!r}, {actual_name} {actual!r}"]
     return []
