@@ -219,9 +219,32 @@ def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True
     (out / "planted.json").write_text(json.dumps(planted, indent=2))
     train_path = train.save_npz(out / "train.npz")
     heldout_path = heldout.save_npz(out / "heldout.npz")
+    trained = train_ddpm(train, config, out, progress)
+    summary = {
+        "config": asdict(config),
+        "train": str(train_path),
+        "heldout": str(heldout_path),
+        **trained,
+    }
+    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
+
+def train_ddpm(train: ImageDataset, config: DemoConfig, out: str | Path, progress: bool = True) -> dict:
+    """Train the demo ``UNet2DModel`` on ``train`` with the seed, epochs, batch size, learning rate and
+    checkpoint count of ``config``; write ``out/checkpoints/checkpoint-STEP/`` and ``out/events.npz``.
+
+    The run is a pure function of ``config`` and ``train``'s images: the model initialisation, batch
+    order, timesteps and noise come from ``config.seed``. ``retrac lds`` retrains subset models with it.
+
+    Returns:
+        ``{"events": path, "checkpoints": [{"path", "weight", "step"}], "final_loss", "train_seconds"}``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = build_demo_unet()
+    channels, size = int(train.images.shape[1]), int(train.images.shape[2])
+    model = build_demo_unet(sample_size=size, channels=channels)
     scheduler = build_demo_scheduler(config.num_train_timesteps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
 
@@ -282,17 +305,12 @@ def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True
         checkpoint_steps=np.array(checkpoint_steps, dtype=np.int64),
     )
     events_path = event_log.save(out / "events.npz")
-    summary = {
-        "config": asdict(config),
-        "train": str(train_path),
-        "heldout": str(heldout_path),
+    return {
         "events": str(events_path),
         "checkpoints": checkpoints,
         "final_loss": float(loss.item()),
         "train_seconds": round(time.perf_counter() - started, 2),
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict:
