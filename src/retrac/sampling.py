@@ -8,13 +8,15 @@ from tqdm.auto import tqdm
 
 from retrac.errors import ConfigError
 
+DEFAULT_SAMPLING_SEED = 0
+
 
 @torch.no_grad()
 def generate_images(
     model,
     scheduler,
     num_images: int,
-    seed: int = 0,
+    seed: int = DEFAULT_SAMPLING_SEED,
     num_inference_steps: int | None = None,
     class_labels: Tensor | None = None,
     batch_size: int = 256,

@@ -26,6 +26,9 @@ import numpy as np
 from retrac.errors import ConfigError, GradientError, StoreMismatchError
 
 VECTOR_KINDS = ("tracin", "retrac")
+KERNEL_PRESETS = ("trak", "dtrak")  # tracin + kernel on a loss / l1 store, on a sqnorm store
+METHOD_NAMES = VECTOR_KINDS + KERNEL_PRESETS
+DEFAULT_METHOD = "retrac"
 DEFAULT_KERNEL_C = 0.1
 LOSS_OBJECTIVES = ("loss", "l1")
 
@@ -64,13 +67,13 @@ class Method:
             kernel: ``c`` for the kernel; turns it on for ``tracin`` / ``retrac``, overrides the
                 default ``0.1`` of ``trak`` / ``dtrak``.
         """
-        if name in ("trak", "dtrak"):
+        if name in KERNEL_PRESETS:
             return cls(name, "tracin", DEFAULT_KERNEL_C if kernel is None else float(kernel))
         if name in VECTOR_KINDS:
             if kernel is None:
                 return cls(name, name, None)
             return cls(f"{name}+kernel", name, float(kernel))
-        raise ConfigError(f"method {name!r} is unknown; choose one of tracin, retrac, trak, dtrak.")
+        raise ConfigError(f"method {name!r} is unknown; choose one of {', '.join(METHOD_NAMES)}.")
 
     @property
     def uses_kernel(self) -> bool:

@@ -15,6 +15,7 @@ from retrac.data import ImageDataset
 from retrac.report.attribution import SCORE_NOTE, attribution_table
 from retrac.report.html import image_cell, save_png, write_page
 
+DEFAULT_TITLE = "retrac: timestep-induced bias"
 GENERAL_NOTE = (
     "A training sample is <b>generally influential</b> when it is among the top-{k} proponents of at least "
     "{threshold} of the {q} queries (max({min_queries}, ceil({fraction:g} &times; Q))). Under Diffusion-TracIn the "
@@ -136,7 +137,7 @@ def write_bias_report(
     measurement,
     queries: Sequence[tuple[str, Tensor]],
     train: ImageDataset,
-    title: str = "retrac: timestep-induced bias",
+    title: str = DEFAULT_TITLE,
     intro: str = "",
     filename: str = "bias.html",
     general_shown: int = 24,
