@@ -7,7 +7,7 @@ checkpoint:
 
 * exact: per-sample gradients (``exact`` projector, the reference) at the training events
   (``stratified:4``, the indexer's plan) and the query events (``QueryEvents`` default 10 x 2), turned
-  into TracIn / ReTrac train and query vectors with ``retrac.query.vectors`` (DESIGN section 1);
+  into TracIn / ReTrac train and query vectors with ``retrac.query.vectors`` (docs/design.md section 1);
 * ``dense``: the same vectors through trak's projection (``DenseProjector``; it is linear, so
   projecting the exact per-event gradients gives exactly what the dense featurization stores, norms
   exact);

@@ -1,4 +1,4 @@
-"""Query side: TracIn / ReTrac / kernel scores equal the DESIGN formulas computed from raw gradients."""
+"""Query side: TracIn / ReTrac / kernel scores from raw gradients equal docs/design.md section 1."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def raw_gradients(setup):
 
 
 def _reference(raw_gradients, kind: str):
-    """u_k for every train sample and q_k for every query, from raw gradients (DESIGN section 1)."""
+    """u_k for every train sample and q_k for every query, from raw gradients (docs/design.md section 1)."""
     u_all, q_all = [], []
     for train, query in zip(*raw_gradients, strict=True):
         if kind == "retrac":

@@ -1,4 +1,4 @@
-"""Measuring the timestep-induced bias (DESIGN section 1) and ReTrac's correction.
+"""Measuring the timestep-induced bias (docs/design.md section 1) and ReTrac's correction.
 
 The paper's finding (Xie et al., TMLR 2024): the per-sample gradient norm ``n_k(z, e)`` depends
 strongly on the timestep ``t`` of the event, so under Diffusion-TracIn the training samples whose

@@ -9,7 +9,7 @@ Layouts understood for a path ``P``:
   ``P/../unet/config.json`` or ``P/../config.json``.
 
 Weights are read with safetensors, or ``torch.load(..., weights_only=True)`` for ``.bin`` files:
-nothing is unpickled. A checkpoint's weight ``w_k`` (DESIGN section 1: learning rate times steps
+nothing is unpickled. A checkpoint's weight ``w_k`` (docs/design.md section 1: learning rate times steps
 covered) comes from ``PATH=WEIGHT``, else from ``P/retrac_checkpoint.json``, else 1.
 """
 

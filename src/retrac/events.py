@@ -1,6 +1,6 @@
 """Deterministic noise for events, and the training-event log.
 
-DESIGN section 1: the noise of an event is a pure function of
+docs/design.md section 1: the noise of an event is a pure function of
 ``(seed, checkpoint, sample id, event index)``, so any shard recomputed alone gives identical bits.
 The training-event log records, for every training step of every sample, the ``(t, noise seed)``
 it was trained on, grouped by checkpoint interval, so the paper's replay is possible.
@@ -99,7 +99,7 @@ def _file_sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class EventSchedule:
-    """How the training events ``E_k(z)`` (DESIGN section 1) of every sample are chosen.
+    """How the training events ``E_k(z)`` (docs/design.md section 1) of every sample are chosen.
 
     Kinds (parse them from a string with :meth:`parse`):
 

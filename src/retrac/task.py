@@ -1,6 +1,6 @@
 """DiffusionTask: a diffusers model + noise scheduler -> the per-sample objective at events.
 
-DESIGN section 1: at an event ``e = (t, eps)`` the noisy input is
+docs/design.md section 1: at an event ``e = (t, eps)`` the noisy input is
 ``x_t = sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) eps`` and the objective is
 
 * ``loss``:   ``mean_pixels (eps_theta(x_t, t, c) - target)^2`` (target from ``prediction_type``),
@@ -202,7 +202,7 @@ class DiffusionTask:
             ``(x_t, target)``, both ``(B, C, H, W)``.
         """
         timesteps = timesteps.to(images.device)
-        # x_t = sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) eps   (DESIGN section 1)
+        # x_t = sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) eps   (docs/design.md section 1)
         x_t = self.scheduler.add_noise(images, noise, timesteps)
         if self.prediction_type == "epsilon":
             target = noise

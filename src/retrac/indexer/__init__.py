@@ -1,6 +1,6 @@
 """The train side: dataset x checkpoints x events -> a resumable, sharded Zarr feature store.
 
-``featurize_dataset`` writes the store (DESIGN section 3); ``FeatureStore.open`` reads it.
+``featurize_dataset`` writes the store (docs/design.md section 3); ``FeatureStore.open`` reads it.
 """
 
 from retrac.indexer.config import IndexConfig

@@ -126,7 +126,7 @@ def featurize_dataset(
 ) -> FeatureStore:
     """Compute ``phi_k(z, e)`` and ``n_k(z, e)`` for every sample, event and checkpoint into a store.
 
-    DESIGN sections 1 and 3: for checkpoint ``k`` with projection ``P_k`` and every training sample
+    docs/design.md sections 1 and 3: for checkpoint ``k`` with projection ``P_k`` and every training sample
     ``z`` with events ``E_k(z)`` (``S`` per sample), stores ``features[k][z, e] = P_k grad l(theta_k; z, e)``
     and ``norms[k][z, e] = ||grad l(theta_k; z, e)||``. The TracIn / ReTrac train vectors are the
     (normalised) means over events, formed later by the query side.

@@ -1,4 +1,4 @@
-"""The feature store (DESIGN section 3): one Zarr v3 group per featurization.
+"""The feature store (docs/design.md section 3): one Zarr v3 group per featurization.
 
 Layout of a store ``STORE/``::
 

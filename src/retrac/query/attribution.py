@@ -196,7 +196,7 @@ def _manifest(store, method: Method, kernel_record: dict | None) -> dict:
 class AttributionResult:
     """Top-k training samples for each query.
 
-    A score is ``I(z, z') = sum_k w_k <u_k(z), q_k(z')>`` (DESIGN section 1): the weighted inner
+    A score is ``I(z, z') = sum_k w_k <u_k(z), q_k(z')>`` (docs/design.md section 1): the weighted inner
     product of train and query gradient features. **Positive = proponent**: a gradient step on the
     training sample ``z`` lowers the loss on the query ``z'``; **negative = opponent**. Scale: for
     ``tracin`` it carries the checkpoint weights ``w_k`` (learning rate x steps) times squared

@@ -1,4 +1,4 @@
-"""Train and query vectors of every method, and the TRAK / D-TRAK kernel (DESIGN section 1).
+"""Train and query vectors of every method, and the TRAK / D-TRAK kernel (docs/design.md section 1).
 
 Per checkpoint ``k``, from features ``phi_k(z, e)`` (``(n, S, d)``) and norms ``n_k(z, e)`` (``(n, S)``):
 
