@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from retrac.errors import ConfigError, DataError
+from retrac.query.attribution import DEFAULT_TOP_K
 
 DEFAULT_FRACTION = 0.1
 DEFAULT_MIN_QUERIES = 2
@@ -425,7 +426,7 @@ class BiasMeasurement:
 def measure_bias(
     attributor,
     images,
-    k: int = 10,
+    k: int = DEFAULT_TOP_K,
     methods: Sequence[str] | None = None,
     outlier_ids: Sequence[str] = (),
     query_is_outlier: Sequence[bool] | None = None,

@@ -28,6 +28,7 @@ from retrac.errors import CheckpointError
 MODEL_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 ACCELERATE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CHECKPOINT_INFO = "retrac_checkpoint.json"
+DEFAULT_CHECKPOINT_WEIGHT = 1.0  # w_k when neither PATH=WEIGHT nor retrac_checkpoint.json gives one
 
 
 @dataclass(frozen=True)
@@ -171,9 +172,9 @@ def resolve_checkpoint(spec: str | Path, weight: float | None = None) -> Checkpo
     info = {}
     if (path / CHECKPOINT_INFO).is_file():
         info = json.loads((path / CHECKPOINT_INFO).read_text())
-    chosen = (
-        weight if weight is not None else spec_weight if spec_weight is not None else info.get("weight", 1.0)
-    )
+    chosen = weight if weight is not None else spec_weight
+    if chosen is None:
+        chosen = info.get("weight", DEFAULT_CHECKPOINT_WEIGHT)
     if not float(chosen) > 0:
         raise CheckpointError(f"checkpoint {path_str!r} has weight {chosen}; weights must be positive.")
     return Checkpoint(

@@ -20,6 +20,7 @@ from retrac.errors import ConfigError, DataError
 
 OBJECTIVES = ("loss", "l1", "sqnorm")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DEFAULT_DEVICE = "cpu"  # torch device of the gradients unless one is given
 PIXEL_TOLERANCE = 1e-3  # images must lie in [-1 - tol, 1 + tol]
 
 

@@ -19,7 +19,7 @@ from retrac.gradients import projected_gradients
 from retrac.indexer.config import IndexConfig
 from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore, chunk_rows_for
 from retrac.projection import make_projector
-from retrac.task import DiffusionTask
+from retrac.task import DEFAULT_DEVICE, DiffusionTask
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 VERSIONED_PACKAGES = ("retrac", "torch", "diffusers", "zarr", "numpy", "traker")
@@ -121,7 +121,7 @@ def featurize_dataset(
     out: str | Path,
     config: IndexConfig | None = None,
     shard: str | tuple[int, int] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = DEFAULT_DEVICE,
     progress: bool = True,
 ) -> FeatureStore:
     """Compute ``phi_k(z, e)`` and ``n_k(z, e)`` for every sample, event and checkpoint into a store.

@@ -25,11 +25,16 @@ from retrac.errors import ConfigError, DataError, StoreMismatchError
 from retrac.events import derive_seed, noise_from_seed
 from retrac.gradients import projected_gradients
 from retrac.query.index import SearchIndex, build_index, load_index, save_index, search
-from retrac.query.vectors import KernelAccumulator, Method, query_vectors, train_vectors
+from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors, train_vectors
+from retrac.task import DEFAULT_DEVICE
 
 KERNEL_FILENAME = "kernel.npz"
 DEFAULT_BLOCK_ROWS = 4096
-QUERY_PRESETS = {"default": (10, 2), "fast": (4, 1), "paper": (100, 16)}
+QUERY_PRESETS = {"default": (10, 2), "fast": (4, 1), "paper": (100, 16)}  # name: (T_q, M)
+DEFAULT_QUERY_PRESET = "default"
+DEFAULT_TOP_K = 10
+DEFAULT_INDEX_KIND = "auto"  # see retrac.query.index.auto_factory
+DEFAULT_SEARCH_DEVICE = "auto"  # faiss: all GPUs when faiss-gpu sees one, else the CPU
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,8 @@ class QueryEvents:
     ``default`` = 10 x 2, ``fast`` = 4 x 1, ``paper`` = 100 x 16 (the paper's setting).
     """
 
-    num_timesteps: int = 10
-    num_noise: int = 2
+    num_timesteps: int = QUERY_PRESETS[DEFAULT_QUERY_PRESET][0]
+    num_noise: int = QUERY_PRESETS[DEFAULT_QUERY_PRESET][1]
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -118,11 +123,11 @@ def _open_store(store):
 def build_attribution_index(
     store,
     out: str | Path,
-    method: str | Method = "retrac",
+    method: str | Method = DEFAULT_METHOD,
     kernel: float | None = None,
-    index: str = "auto",
+    index: str = DEFAULT_INDEX_KIND,
     block_rows: int = DEFAULT_BLOCK_ROWS,
-    device: str = "auto",
+    device: str = DEFAULT_SEARCH_DEVICE,
     progress: bool = True,
 ) -> SearchIndex:
     """Build the FAISS inner-product index of ``method`` over a complete feature store.
@@ -253,7 +258,7 @@ class Attributor:
     indexes: list[str | Path] | str | Path
     store: str | Path | None = None
     query_events: QueryEvents = field(default_factory=QueryEvents)
-    device: str = "cpu"
+    device: str = DEFAULT_DEVICE
     batch_size: int = 8
     progress: bool = True
 
@@ -381,7 +386,7 @@ class Attributor:
     def attribute(
         self,
         images: Tensor,
-        k: int = 10,
+        k: int = DEFAULT_TOP_K,
         method: str | None = None,
         opponents: bool = False,
         class_labels: Tensor | None = None,
