@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from retrac.errors import RetracError
+from retrac.lds.cli import add_lds_command
 
 
 def _add_demo(sub) -> None:
@@ -509,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query(sub)
     _add_audit(sub)
     _add_report(sub)
+    add_lds_command(sub)
     return parser
 
 

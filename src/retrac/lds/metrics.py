@@ -1,0 +1,254 @@
+"""The linear datamodeling score (LDS) of a score matrix, its bootstrap interval, and the baselines.
+
+LDS (Park et al., TRAK, ICML 2023; D-TRAK, Journey-TRAK and DAS use it for diffusion models): a
+scoring ``tau(z', z)`` predicts the effect of training on a subset ``S`` on a test sample ``z'`` as the
+sum of the scores of its members, ``g(S; z') = sum_{z in S} tau(z', z)``. Retrain on ``M`` random
+subsets, measure the test loss ``L(z'; theta_S)`` of each, and take the Spearman rank correlation
+across the subsets of ``g(S; z')`` with ``-L(z'; theta_S)``, per test sample, averaged over test samples.
+
+**Sign**: retrac's scores are positive for proponents, training samples whose gradient step lowers
+the test loss, so a subset with a larger predicted effect should have a *lower* loss: the
+prediction is correlated with **minus** the loss, and a good scoring has a positive LDS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import rankdata
+from torch import Tensor
+
+from retrac.errors import ConfigError, DataError
+from retrac.events import derive_seed
+
+PIXEL_KINDS = ("neg_l2", "cosine")
+DEFAULT_BOOTSTRAP = 1000
+CONFIDENCE_LEVEL = 0.95
+
+
+def spearman_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each column of ``x`` with the same column of ``y``.
+
+    Args:
+        x, y: ``(M, n)``; correlated along axis 0 (ties take average ranks).
+
+    Returns:
+        ``(n,)`` float64; NaN where a column is constant (the correlation is undefined).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 2:
+        raise DataError(f"cannot correlate arrays of shapes {x.shape} and {y.shape}; give two (M, n) arrays.")
+    rx = rankdata(x, axis=0) - (x.shape[0] + 1) / 2
+    ry = rankdata(y, axis=0) - (y.shape[0] + 1) / 2
+    denominator = np.sqrt((rx * rx).sum(axis=0) * (ry * ry).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (rx * ry).sum(axis=0) / denominator, np.nan)
+
+
+def linear_datamodeling_scores(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """The LDS of each test sample.
+
+    Args:
+        scores: ``(n_test, N)`` scores ``tau(z', z)``, positive = proponent (lowers the test loss).
+        masks: ``(M, N)`` bool, subset membership of each training row.
+        losses: ``(M, n_test)`` the test losses of the model retrained on each subset.
+
+    Returns:
+        ``(n_test,)`` Spearman correlation across subsets of ``g(S; z') = sum_{z in S} tau(z', z)``
+        with ``-L(z'; theta_S)``; NaN for a test sample whose predictions are all equal.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    masks = np.asarray(masks, dtype=bool)
+    losses = np.asarray(losses, dtype=np.float64)
+    if scores.ndim != 2 or masks.ndim != 2 or scores.shape[1] != masks.shape[1]:
+        raise DataError(
+            f"scores {scores.shape} and subset masks {masks.shape} must be (n_test, N) and (M, N) over the same N "
+            "training samples."
+        )
+    if losses.shape != (masks.shape[0], scores.shape[0]):
+        raise DataError(
+            f"losses have shape {losses.shape}, expected (M, n_test) = {(masks.shape[0], scores.shape[0])}."
+        )
+    if not np.isfinite(scores).all():
+        row = int(np.argwhere(~np.isfinite(scores))[0, 0])
+        raise DataError(f"scores of test sample {row} are not finite; recompute them.")
+    predicted = masks.astype(np.float64) @ scores.T  # g(S_m; z'_i) = sum_{z in S_m} tau(z'_i, z), (M, n_test)
+    return spearman_columns(predicted, -losses)  # a proponent lowers the loss: correlate with -L
+
+
+def bootstrap_interval(
+    values: np.ndarray, num_resamples: int = DEFAULT_BOOTSTRAP, level: float = CONFIDENCE_LEVEL, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling its entries, seeded)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise DataError("bootstrap needs a non-empty one-dimensional array of per-test values.")
+    rng = np.random.default_rng(derive_seed("retrac-lds-bootstrap", seed))
+    means = values[rng.integers(0, values.size, (num_resamples, values.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+@dataclass
+class LDSScore:
+    """The LDS of one scoring on a set of test samples.
+
+    Attributes:
+        name: the scoring (a method, a baseline).
+        lds: mean over test samples of the per-test Spearman correlation (positive = good).
+        ci_low, ci_high: 95% percentile bootstrap interval of ``lds`` over test samples.
+        per_test: ``(n_test,)`` per-test correlations (NaN where undefined).
+        num_valid: test samples with a defined correlation (the mean is over these).
+        num_subsets: ``M``.
+    """
+
+    name: str
+    lds: float
+    ci_low: float
+    ci_high: float
+    per_test: np.ndarray
+    num_valid: int
+    num_subsets: int
+
+    def to_dict(self, per_test: bool = False) -> dict:
+        record = {
+            "name": self.name,
+            "lds": self.lds,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "n_test": int(self.per_test.size),
+            "n_valid": self.num_valid,
+            "n_subsets": self.num_subsets,
+        }
+        if per_test:
+            record["per_test"] = [None if np.isnan(v) else float(v) for v in self.per_test]
+        return record
+
+
+def lds_score(
+    name: str,
+    scores: np.ndarray,
+    masks: np.ndarray,
+    losses: np.ndarray,
+    rows: Sequence[int] | np.ndarray | None = None,
+    num_resamples: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> LDSScore:
+    """The LDS of ``scores`` with its bootstrap interval, on the test rows ``rows`` (default all).
+
+    Raises:
+        DataError: no test sample has a defined correlation (every prediction constant).
+    """
+    per_test = linear_datamodeling_scores(scores, masks, losses)
+    if rows is not None:
+        per_test = per_test[np.asarray(rows, dtype=np.int64)]
+    valid = per_test[np.isfinite(per_test)]
+    if valid.size == 0:
+        raise DataError(f"scoring {name!r} predicts the same effect for every subset on every test sample.")
+    low, high = bootstrap_interval(valid, num_resamples, seed=seed)
+    return LDSScore(name, float(valid.mean()), low, high, per_test, int(valid.size), int(masks.shape[0]))
+
+
+def lds_table(
+    scorings: Mapping[str, np.ndarray],
+    masks: np.ndarray,
+    losses: np.ndarray,
+    rows: Sequence[int] | np.ndarray | None = None,
+    num_resamples: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> list[LDSScore]:
+    """:func:`lds_score` of every scoring, in the given order."""
+    return [lds_score(n, s, masks, losses, rows, num_resamples, seed) for n, s in scorings.items()]
+
+
+def format_table(results: Sequence[LDSScore]) -> str:
+    """A Markdown table: scoring, LDS and its 95% bootstrap interval, test samples, subsets."""
+    lines = ["| scoring | LDS | 95% CI | n_test | M |", "|---|---:|---|---:|---:|"]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.lds:.3f} | [{r.ci_low:.3f}, {r.ci_high:.3f}] | {r.num_valid} | {r.num_subsets} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorings: baselines and attribution indexes as dense (n_test, N) matrices.
+# ---------------------------------------------------------------------------------------------
+
+
+def pixel_scores(test_images: Tensor, train_images: Tensor, kind: str = "neg_l2") -> np.ndarray:
+    """Pixel-space similarity of each test image to each training image, ``(n_test, N)`` float64.
+
+    Args:
+        kind: ``neg_l2``: minus the Euclidean distance ``-||x' - x||``; ``cosine``: the cosine of the
+            flattened images (pixels in ``[-1, 1]``, not centred).
+    """
+    if kind not in PIXEL_KINDS:
+        raise ConfigError(f"pixel similarity {kind!r} is unknown; choose one of {', '.join(PIXEL_KINDS)}.")
+    a = np.asarray(test_images, dtype=np.float64).reshape(len(test_images), -1)
+    b = np.asarray(train_images, dtype=np.float64).reshape(len(train_images), -1)
+    if a.shape[1] != b.shape[1]:
+        raise DataError(
+            f"test images have {a.shape[1]} pixels, training images {b.shape[1]}; give one shape."
+        )
+    if kind == "cosine":
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        return a @ b.T
+    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return -np.sqrt(np.maximum(squared, 0.0))
+
+
+def random_scores(num_test: int, num_train: int, seed: int = 0) -> np.ndarray:
+    """Standard normal scores ``(num_test, num_train)``, seeded: the chance baseline (LDS about 0)."""
+    rng = np.random.default_rng(derive_seed("retrac-lds-random", seed))
+    return rng.standard_normal((num_test, num_train))
+
+
+def index_scores(
+    indexes: Sequence[str | Path] | str | Path,
+    images: Tensor,
+    *,
+    store: str | Path | None = None,
+    query_events=None,
+    class_labels: Tensor | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Scores of every training sample for each query, from each attribution index.
+
+    Each index is searched for all ``N`` training rows (exact with a ``flat`` index), and the scores
+    are put back in training-row order.
+
+    Args:
+        indexes: index folders built from one store (``build_attribution_index(..., index="flat")``).
+        images: ``(n, C, H, W)`` test images.
+        query_events: :class:`~retrac.query.attribution.QueryEvents` (default 10 x 2).
+
+    Returns:
+        ``{method: (n, N) float64}``; ``I(z, z') = sum_k w_k <u_k(z), q_k(z')>``, positive = proponent.
+
+    Raises:
+        ConfigError: an approximate index that does not return every training row; build it flat.
+    """
+    from retrac.query.attribution import Attributor, QueryEvents
+
+    attributor = Attributor(
+        indexes, store=store, query_events=query_events or QueryEvents(), device=device, progress=progress
+    )
+    num_train = len(attributor.train_ids)
+    out = {}
+    for method in attributor.methods:
+        result = attributor.attribute(images, k=num_train, method=method, class_labels=class_labels)
+        if not (np.sort(result.indices, axis=1) == np.arange(num_train)).all():
+            raise ConfigError(
+                f"the {method} index did not return every training row (approximate search); build it with "
+                "index='flat' (retrac build --index flat) to score every training sample."
+            )
+        dense = np.empty((result.indices.shape[0], num_train), dtype=np.float64)
+        np.put_along_axis(dense, result.indices, result.scores.astype(np.float64), axis=1)
+        out[method] = dense
+    return out
