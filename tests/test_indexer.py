@@ -81,7 +81,7 @@ def test_store_layout_and_attributes(reference, workspace):
     assert store.features(1, slice(2, 5)).shape == (3, 2, 32) and store.features(0).dtype == np.float32
     assert store.norms(0).shape == (N, 2) and (store.norms(0) > 0).all() and store.valid(0).all()
     attrs = store.attrs
-    assert attrs["format"] == {"name": "retrac-feature-store", "version": 1}
+    assert attrs["format"] == {"name": "retrac-feature-store", "version": 2}
     assert attrs["dataset"]["fingerprint"] == workspace["data"].fingerprint
     assert [c["sha256"] for c in attrs["checkpoints"]] == [c.sha256 for c in workspace["checkpoints"]]
     assert attrs["norm_kind"] == "exact" and len({p["seed"] for p in attrs["projectors"]}) == 2

@@ -10,20 +10,27 @@ Layouts understood for a path ``P``:
 
 Weights are read with safetensors, or ``torch.load(..., weights_only=True)`` for ``.bin`` files:
 nothing is unpickled. A checkpoint's weight ``w_k`` (docs/design.md section 1: learning rate times steps
-covered) comes from ``PATH=WEIGHT``, else from ``P/retrac_checkpoint.json``, else 1.
+covered) comes from ``PATH=WEIGHT``, else from ``P/retrac_checkpoint.json``, else 1; it must be a
+positive finite number.
+
+The checkpoint's noise scheduler is part of what it is: :func:`scheduler_record` (the diffusers
+config less private keys) is recorded per checkpoint in the store and the index, and
+:func:`check_scheduler` refuses a query whose scheduler differs, naming the keys.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from retrac.errors import CheckpointError
+from retrac._io import read_json
+from retrac.errors import CheckpointError, StoreMismatchError
 
 MODEL_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 ACCELERATE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -33,12 +40,17 @@ DEFAULT_CHECKPOINT_WEIGHT = 1.0  # w_k when neither PATH=WEIGHT nor retrac_check
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One checkpoint ``theta_k`` with its weight ``w_k`` and the sha256 of its weights."""
+    """One checkpoint ``theta_k`` with its weight ``w_k``, the sha256 of its weights and its scheduler.
+
+    ``scheduler`` is :func:`scheduler_record` of the checkpoint's scheduler (``None`` until
+    :func:`with_scheduler` reads it; featurization always records it).
+    """
 
     path: str
     weight: float
     sha256: str
     step: int | None = None
+    scheduler: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,11 +65,22 @@ def parse_checkpoint_spec(spec: str) -> tuple[str, float | None]:
         value = float(weight)
     except ValueError:
         return str(spec), None  # an '=' inside the path, not a weight
-    if not value > 0:
-        raise CheckpointError(
-            f"checkpoint weight in {spec!r} must be positive; give PATH=WEIGHT with WEIGHT > 0."
-        )
+    _check_weight(value, spec)
     return path, value
+
+
+def _check_weight(weight, where: str) -> float:
+    """``weight`` as a float, refusing anything but a positive finite number."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise CheckpointError(
+            f"checkpoint weight {weight!r} in {where!r} must be a positive finite number (w_k = learning "
+            "rate x steps covered); give PATH=WEIGHT with 0 < WEIGHT < inf."
+        )
+    return value
 
 
 def _find_model_dir(path: Path) -> tuple[Path, Path]:
@@ -126,7 +149,14 @@ def load_unet(path: str | Path):
     except Exception as exc:
         raise CheckpointError(f"model config in {str(config_dir)!r} cannot be read: {exc}") from exc
     state = load_state_dict(weights_file)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes than the config's
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)[:200]]
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit its model config ({first[0].strip()}); check that "
+            "config.json and the weights belong together."
+        ) from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not fit its model config: missing {list(missing)[:3]}, "
@@ -143,15 +173,20 @@ def load_scheduler(path: str | Path):
         if (folder / "scheduler_config.json").is_file():
             import diffusers
 
-            name = json.loads((folder / "scheduler_config.json").read_text()).get(
-                "_class_name", "DDPMScheduler"
-            )
-            cls = getattr(diffusers, name, None)
-            if cls is None:
+            config = read_json(folder / "scheduler_config.json", "scheduler config", CheckpointError)
+            name = config.get("_class_name", "DDPMScheduler") if isinstance(config, dict) else None
+            cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+            if cls is None or not hasattr(cls, "from_pretrained"):
                 raise CheckpointError(
                     f"scheduler class {name!r} in {str(folder)!r} is not a diffusers scheduler."
                 )
-            return cls.from_pretrained(str(folder))
+            try:
+                return cls.from_pretrained(str(folder))
+            except Exception as exc:  # values the scheduler refuses (a bad beta schedule, ...)
+                raise CheckpointError(
+                    f"scheduler config in {str(folder)!r} cannot be loaded ({type(exc).__name__}: {exc}); "
+                    "restore scheduler_config.json."
+                ) from None
     raise CheckpointError(
         f"no scheduler_config.json found with checkpoint {str(path)!r} (looked in "
         f"{', '.join(str(c) for c in candidates)}); save the scheduler with scheduler.save_pretrained there "
@@ -171,18 +206,60 @@ def resolve_checkpoint(spec: str | Path, weight: float | None = None) -> Checkpo
     _, weights_file = _find_model_dir(path)
     info = {}
     if (path / CHECKPOINT_INFO).is_file():
-        info = json.loads((path / CHECKPOINT_INFO).read_text())
+        info = read_json(path / CHECKPOINT_INFO, "checkpoint info", CheckpointError)
+        if not isinstance(info, dict):
+            raise CheckpointError(
+                f"{str(path / CHECKPOINT_INFO)!r} holds {type(info).__name__}, not an object with weight / step."
+            )
     chosen = weight if weight is not None else spec_weight
     if chosen is None:
         chosen = info.get("weight", DEFAULT_CHECKPOINT_WEIGHT)
-    if not float(chosen) > 0:
-        raise CheckpointError(f"checkpoint {path_str!r} has weight {chosen}; weights must be positive.")
+    step = info.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise CheckpointError(f"step {step!r} in {str(path / CHECKPOINT_INFO)!r} must be an integer or null.")
+    state = load_state_dict(weights_file)
     return Checkpoint(
         path=str(path.resolve()),
-        weight=float(chosen),
-        sha256=state_dict_sha256(load_state_dict(weights_file)),
-        step=info.get("step"),
+        weight=_check_weight(chosen, path_str),
+        sha256=state_dict_sha256(state),
+        step=step,
     )
+
+
+def scheduler_record(scheduler) -> dict:
+    """The scheduler's diffusers config less its private (``_``) keys, as JSON values."""
+    config = {key: value for key, value in dict(scheduler.config).items() if not key.startswith("_")}
+    return json.loads(
+        json.dumps(config, default=lambda value: getattr(value, "tolist", lambda: str(value))())
+    )
+
+
+def with_scheduler(checkpoint: Checkpoint) -> Checkpoint:
+    """``checkpoint`` with :func:`scheduler_record` of the scheduler saved with it."""
+    return replace(checkpoint, scheduler=scheduler_record(load_scheduler(checkpoint.path)))
+
+
+def check_scheduler(checkpoint: Checkpoint, scheduler) -> None:
+    """Refuse ``scheduler`` unless its config is the one recorded for ``checkpoint`` at indexing.
+
+    Raises:
+        StoreMismatchError: the configs differ; every differing key is named.
+    """
+    if checkpoint.scheduler is None:
+        return
+    now = scheduler_record(scheduler)
+    keys = sorted(set(checkpoint.scheduler) | set(now))
+    diffs = [
+        f"{key}: recorded {checkpoint.scheduler.get(key)!r}, now {now.get(key)!r}"
+        for key in keys
+        if checkpoint.scheduler.get(key) != now.get(key)
+    ]
+    if diffs:
+        raise StoreMismatchError(
+            f"the scheduler of checkpoint {checkpoint.path!r} differs from the one recorded at indexing ("
+            + "; ".join(diffs)
+            + "): restore its scheduler_config.json, or featurize again with `retrac index`."
+        )
 
 
 def save_checkpoint(model, scheduler, path: str | Path, weight: float = 1.0, step: int | None = None) -> Path:

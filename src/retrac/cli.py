@@ -1,4 +1,4 @@
-"""The ``retrac`` command: ``demo``, ``index``, ``build``, ``query``, ``report``.
+"""The ``retrac`` command: ``demo``, ``index``, ``build``, ``query``, ``audit``, ``report``, ``verify``.
 
 Each verb parses its options into the library's config objects and calls the Python API.
 """
@@ -6,10 +6,18 @@ Each verb parses its options into the library's config objects and calls the Pyt
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
-from retrac.errors import RetracError
+from retrac.audit import AuditConfig
+from retrac.bias import DEFAULT_FRACTION, DEFAULT_MIN_QUERIES
+from retrac.checkpoints import CHECKPOINT_INFO, DEFAULT_CHECKPOINT_WEIGHT
+from retrac.demo import DemoConfig
+from retrac.errors import ConfigError, RetracError
+from retrac.events import SCHEDULE_HELP
+from retrac.indexer.config import DEFAULT_DIM, DTYPES, IndexConfig
 from retrac.lds.cli import add_lds_command
 
 
@@ -17,30 +25,40 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train the tiny digits DDPM and run every pipeline stage on it")
     p.add_argument("--out", default="retrac-demo", help="output folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a short run for smoke tests (about 30 s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 40, 4 with --quick)")
+    p.add_argument(
+        "--seed", type=int, default=DemoConfig.seed, help="seed of every random choice (default: %(default)s)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"training epochs (default: {DemoConfig.epochs}, {DemoConfig.quick().epochs} with --quick)",
+    )
     p.add_argument(
         "--planted-outliers",
         type=int,
-        default=0,
+        default=DemoConfig.duplicated_samples,
         metavar="N",
         help="add N out-of-distribution photo patches to the training set (default: %(default)s)",
     )
     p.add_argument(
         "--duplicate-samples",
         type=int,
-        default=0,
+        default=DemoConfig.planted_outliers,
         metavar="N",
         help="duplicate N training digits --duplicate-copies times each (default: %(default)s)",
     )
     p.add_argument(
-        "--duplicate-copies", type=int, default=100, help="copies per duplicated digit (default: %(default)s)"
+        "--duplicate-copies",
+        type=int,
+        default=DemoConfig.duplicate_copies,
+        help="copies per duplicated digit (default: %(default)s)",
     )
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from retrac.demo import DemoConfig, run_demo
+    from retrac.demo import run_demo
 
     config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     overrides = {
@@ -52,7 +70,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     config = DemoConfig(**{**config.__dict__, **overrides})
     out = Path(args.out)
-    summary = run_demo(config, out)
+    summary = run_demo(config, out, progress=not args.no_progress)
     print(
         f"trained {len(summary['checkpoints'])} checkpoints in {summary['train_seconds']} s "
         f"(final loss {summary['final_loss']:.4f})"
@@ -62,6 +80,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"training-event log: {summary['events']}")
     for ckpt in summary["checkpoints"]:
         print(f"checkpoint:         {ckpt['path']}  (weight {ckpt['weight']:.4g})")
+    _add_threads(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     print(f"feature store:      {summary['store']}")
     for method, path in summary["indexes"].items():
         print(f"{method + ' index:':<20}{path}")
@@ -84,43 +104,52 @@ def _add_index(sub) -> None:
         action="append",
         required=True,
         metavar="PATH[=WEIGHT]",
-        help="a checkpoint, in training order (repeatable); WEIGHT is w_k (default: retrac_checkpoint.json or 1)",
+        help="a checkpoint, in training order (repeatable); WEIGHT is w_k "
+        f"(default: {CHECKPOINT_INFO} or {DEFAULT_CHECKPOINT_WEIGHT:g})",
     )
     p.add_argument("--data", required=True, help="training data: .npz, .npy or a folder of images")
     p.add_argument("--out", required=True, help="the store folder (created; reopened to resume)")
     p.add_argument(
         "--events",
-        default="stratified:4",
-        help="events per sample: stratified:S, uniform:S, replay:LOG or t1,t2,... (default: %(default)s)",
+        default=IndexConfig.events,
+        help=f"events per sample: {SCHEDULE_HELP} (default: %(default)s)",
     )
     p.add_argument(
         "--projector",
-        default="factored",
-        choices=["exact", "dense", "factored"],
+        default=IndexConfig.projector,
+        choices=PROJECTOR_KINDS,
         help="factored: per-layer projection from layer hooks, never forms per-sample gradients (default: %(default)s)",
     )
     p.add_argument(
-        "--dim", type=int, default=None, help="projection dimension d for dense / factored (default: 1024)"
+        "--dim",
+        type=int,
+        default=None,
+        help=f"projection dimension d for dense / factored (default: {DEFAULT_DIM})",
     )
     p.add_argument(
         "--dense-backend",
-        default="basic",
-        choices=["basic", "fast_jl"],
+        default=IndexConfig.dense_backend,
+        choices=DENSE_BACKENDS,
         help="dense projector: trak BasicProjector, or CudaProjector with fast_jl (default: %(default)s)",
     )
     p.add_argument(
         "--objective",
-        default="loss",
-        choices=["loss", "l1", "sqnorm"],
+        default=IndexConfig.objective,
+        choices=OBJECTIVES,
         help="loss (TracIn/ReTrac/TRAK), l1 (paper's code), sqnorm (D-TRAK) (default: %(default)s)",
     )
     p.add_argument(
-        "--dtype", default="float32", choices=["float16", "float32"], help="(default: %(default)s)"
+        "--batch-size",
+        type=int,
+        default=IndexConfig.batch_size,
+        help="samples per gradient batch (default: %(default)s)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=16, help="samples per gradient batch (default: %(default)s)"
+        "--shard-rows",
+        type=int,
+        default=IndexConfig.shard_rows,
+        help="samples per shard (default: %(default)s)",
     )
-    p.add_argument("--shard-rows", type=int, default=256, help="samples per shard (default: %(default)s)")
     p.add_argument(
         "--shard",
         default=None,
@@ -128,31 +157,24 @@ def _add_index(sub) -> None:
         help="fill only shards s with s %% N == I ('auto': RANK/WORLD_SIZE from torchrun)",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of events, noise and projections (default: %(default)s)"
+        "--seed",
+        type=int,
+        default=IndexConfig.seed,
+        help="seed of events, noise and projections (default: %(default)s)",
     )
     p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="parameters that count")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="parameters left out")
-    p.add_argument("--device", default="cpu", help="torch device for the gradients (default: %(default)s)")
     p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy shared machine)",
+        "--device", default=DEFAULT_DEVICE, help="torch device for the gradients (default: %(default)s)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dtype", default=IndexConfig.dtype, choices=DTYPES, help="(default: %(default)s)")
     p.set_defaults(func=_run_index)
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    from retrac.errors import ConfigError
     from retrac.indexer import IndexConfig, featurize_dataset
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads {args.threads} must be at least 1.")
-        import torch
-
-        torch.set_num_threads(args.threads)
     config = IndexConfig(
         events=args.events,
         projector=args.projector,
@@ -165,6 +187,7 @@ def _run_index(args: argparse.Namespace) -> int:
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         shard_rows=args.shard_rows,
+    _add_threads(p)
     )
     store = featurize_dataset(
         args.checkpoint,
@@ -207,27 +230,31 @@ def _add_build(sub) -> None:
     p.add_argument("--store", required=True, help="a complete feature store (from `retrac index`)")
     p.add_argument(
         "--method",
-        default="retrac",
-        choices=["tracin", "retrac", "trak", "dtrak"],
+        default=DEFAULT_METHOD,
+        choices=METHOD_NAMES,
         help="(default: %(default)s)",
     )
     p.add_argument(
         "--kernel",
         nargs="?",
-        const=0.1,
+        const=DEFAULT_KERNEL_C,
         type=float,
         default=None,
         metavar="C",
-        help="apply the kernel (Phi^T Phi + lambda I)^-1, lambda = C * mean ||u||^2 (C default 0.1)",
+        help="apply the kernel (Phi^T Phi + lambda I)^-1, lambda = C * mean ||u||^2 (C default %(const)s)",
     )
     p.add_argument(
         "--index",
-        default="auto",
-        help="auto (Flat up to 50,000 rows, IVF above), flat, ivf, hnsw or a FAISS factory string (default: %(default)s)",
+        default=DEFAULT_INDEX_KIND,
+        help=f"auto (Flat up to {AUTO_FLAT_MAX_ROWS:,} rows, IVF above), flat, ivf, hnsw or a FAISS factory "
+        "string (default: %(default)s)",
     )
     p.add_argument("--out", required=True, help="the index folder")
     p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "gpu"], help="faiss device (default: %(default)s)"
+        "--device",
+        default=DEFAULT_SEARCH_DEVICE,
+        choices=DEVICES,
+        help="faiss device (default: %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_build)
@@ -254,12 +281,17 @@ def _add_query_event_options(p: argparse.ArgumentParser) -> None:
     """``--events`` / ``--seed`` / ``--device``: how query gradients are computed (query, report)."""
     p.add_argument(
         "--events",
-        default="default",
-        choices=["default", "fast", "paper"],
-        help="query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
+        default=DEFAULT_QUERY_PRESET,
+        choices=list(QUERY_PRESETS),
+        help=f"query events T_q x M: {QUERY_PRESETS_HELP} (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the query noise (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device for the gradients (default: %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=QueryEvents.seed, help="seed of the query noise (default: %(default)s)"
+    )
+    p.add_argument(
+        "--device", default=DEFAULT_DEVICE, help="torch device for the gradients (default: %(default)s)"
+    )
+    _add_threads(p)
 
 
 def _query_events(args: argparse.Namespace):
@@ -276,12 +308,15 @@ def _add_query(sub) -> None:
         "loss on z'), negative = opponent.",
     )
     p.add_argument(
+QUERY_PRESETS_HELP = ", ".join(f"{name} {t} x {m}" for name, (t, m) in QUERY_PRESETS.items())
+
+
         "--index", required=True, action="append", help="an index folder (repeatable, one per method)"
     )
     p.add_argument(
         "--images", required=True, help="query images: an image file, a folder of images, .npy or .npz"
     )
-    p.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
+    p.add_argument("--k", type=int, default=DEFAULT_TOP_K, help="results per query (default: %(default)s)")
     p.add_argument("--method", default=None, help="which loaded index to use (default: the only one, or all)")
     p.add_argument(
         "--opponents", action="store_true", help="the most negative scores instead of the most positive"
@@ -338,7 +373,9 @@ def _add_audit(sub) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="images to audit: an image file, a folder of images, .npy or .npz")
     source.add_argument("--generate", type=int, metavar="N", help="sample N images from the last checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="seed of --generate (default: %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=DEFAULT_SAMPLING_SEED, help="seed of --generate (default: %(default)s)"
+    )
     p.add_argument(
         "--sampling-steps",
         type=int,
@@ -347,7 +384,10 @@ def _add_audit(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
-        "--k", type=int, default=10, help="top proponents per image and method (default: %(default)s)"
+        "--k",
+        type=int,
+        default=AuditConfig.k,
+        help="top proponents per image and method (default: %(default)s)",
     )
     p.add_argument(
         "--data",
@@ -355,28 +395,40 @@ def _add_audit(sub) -> None:
         help="training data (default: the source recorded in the store; fingerprint checked)",
     )
     p.add_argument(
-        "--neighbours", type=int, default=50, help="n of the relative distance (default: %(default)s)"
+        "--neighbours",
+        type=int,
+        default=AuditConfig.num_neighbours,
+        help="n of the relative distance (default: %(default)s)",
     )
-    p.add_argument("--copy-threshold", type=float, default=1 / 6, help="copy if r is below it (default: 1/6)")
     p.add_argument(
-        "--near-threshold", type=float, default=0.5, help="near if r is below it (default: %(default)s)"
+        "--copy-threshold",
+        type=float,
+        default=AuditConfig.copy_threshold,
+        help="copy if r is below it (default: %(default).4g)",
+    )
+    p.add_argument(
+        "--near-threshold",
+        type=float,
+        default=AuditConfig.near_threshold,
+        help="near if r is below it (default: %(default)s)",
     )
     p.add_argument(
         "--query-events",
-        default="default",
-        choices=["default", "fast", "paper"],
-        help="attribution query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
+        default=DEFAULT_QUERY_PRESET,
+        choices=list(QUERY_PRESETS),
+        help=f"attribution query events T_q x M: {QUERY_PRESETS_HELP} (default: %(default)s)",
     )
     p.add_argument(
-        "--device", default="cpu", help="torch device for gradients and sampling (default: %(default)s)"
+        "--device",
+        default=DEFAULT_DEVICE,
+        help="torch device for gradients and sampling (default: %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_audit)
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    from retrac.audit import AuditConfig, run_audit
-    from retrac.query.attribution import QueryEvents
+    from retrac.audit import run_audit
 
     config = AuditConfig(
         k=args.k,
@@ -396,6 +448,7 @@ def _run_audit(args: argparse.Namespace) -> int:
         query_events=QueryEvents.preset(args.query_events),
         device=args.device,
         progress=not args.no_progress,
+    _add_threads(p)
     )
     counts = ", ".join(f"{v} {c}" for v, c in summary["verdict_counts"].items())
     print(f"audited {summary['num_images']} images: {counts} (copy rate {summary['copy_rate']:.3f})")
@@ -404,6 +457,10 @@ def _run_audit(args: argparse.Namespace) -> int:
             f"hot spot {hot['id']}: {hot['outputs']} outputs (nearest of {hot['as_nearest']}, top-1 {hot['as_top1']})"
         )
     for name, path in summary["files"].items():
+    if args.sampling_steps is not None and args.sampling_steps < 1:
+        raise ConfigError(
+            f"--sampling-steps {args.sampling_steps} must be at least 1 (reverse steps of --generate)."
+        )
         print(f"{name + ':':<16}{path}")
     return 0
 
@@ -414,7 +471,8 @@ def _add_report(sub) -> None:
         help="HTML page of the timestep-induced bias: norm vs timestep, TracIn vs ReTrac counts, top-k grids",
         description="Attribute query images against a store's indexes (e.g. one TracIn and one ReTrac index) and "
         "write OUT/bias.html with PNG figures: per-sample gradient norm against timestep, the number of distinct "
-        "and of generally influential training samples (in the top-k of at least max(2, ceil(F * Q)) of the Q "
+        f"and of generally influential training samples (in the top-k of at least max({DEFAULT_MIN_QUERIES}, "
+        "ceil(F * Q)) of the Q "
         "queries) per method, planted outliers in the top-k lists, and every query's top-k grid; OUT/bias.json "
         "holds the figures.",
     )
@@ -431,13 +489,16 @@ def _add_report(sub) -> None:
         help="the training images, for thumbnails (default: the store's recorded data path)",
     )
     p.add_argument("--out", default="retrac-report", help="output folder (default: %(default)s)")
-    p.add_argument("--k", type=int, default=10, help="top-k proponents per query (default: %(default)s)")
+    p.add_argument(
+        "--k", type=int, default=DEFAULT_TOP_K, help="top-k proponents per query (default: %(default)s)"
+    )
     p.add_argument(
         "--fraction",
         type=float,
-        default=0.1,
+        default=DEFAULT_FRACTION,
         metavar="F",
-        help="generally influential: in the top-k of at least max(2, ceil(F * Q)) queries (default: %(default)s)",
+        help=f"generally influential: in the top-k of at least max({DEFAULT_MIN_QUERIES}, ceil(F * Q)) queries "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--outliers",
@@ -446,7 +507,7 @@ def _add_report(sub) -> None:
         help="planted outlier ids: planted.json, a JSON list or one id a line",
     )
     _add_query_event_options(p)
-    p.add_argument("--title", default="retrac: timestep-induced bias", help="page title")
+    p.add_argument("--title", default=DEFAULT_TITLE, help="page title (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_report)
 
@@ -475,8 +536,13 @@ def _run_report(args: argparse.Namespace) -> int:
             f"the store records no readable training data path ({data_path!r}); give the training images with --data."
         )
     train = load_dataset(data_path)
-    if train.ids != store.ids:
-        raise DataError(f"--data {data_path!r} does not hold the store's training samples (ids differ).")
+    if train.fingerprint != store.attrs["dataset"].get("fingerprint"):
+        same_ids = "same ids but other pixels or labels" if train.ids == store.ids else "other ids"
+        raise DataError(
+            f"--data {data_path!r} does not hold the store's training samples ({same_ids}: fingerprint "
+            f"{train.fingerprint[:16]}..., the store's {str(store.attrs['dataset'].get('fingerprint'))[:16]}...); "
+            "give the data the store was featurized from."
+        )
     outliers = load_outlier_ids(args.outliers) if args.outliers else []
     labels = images.labels if attributor.task.is_class_conditional else None
     measurement = measure_bias(
@@ -523,6 +589,65 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retrac {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a feature store (or an index folder) against its recorded digests",
+        description="Recompute the sha256 of every shard of a store (streamed) and compare it with the ledger; "
+        "check the ids and the ledger itself. Prints one line per problem and the command that repairs them; "
+        "exit code 2 when damaged, 0 when whole.",
+    )
+    p.add_argument("path", help="a store folder (`retrac index`) or an index folder (`retrac build`)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from retrac.verify import verify
+
+    report = verify(args.path, progress=not args.no_progress)
+    print("\n".join(report.lines()))
+    return 0 if report.whole else 2
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """The checks every verb shares: ``--threads``, a torch ``--device``, a writable ``--out`` folder."""
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} must be at least 1.")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.command in TORCH_DEVICE_COMMANDS:
+        from retrac.indexer.featurize import resolve_device
+
+        resolve_device(args.device)
+    if args.command in OUT_FOLDER_COMMANDS:
+        out = Path(args.out).absolute()
+        existing = next(p for p in (out, *out.parents) if p.exists())  # --out itself, or its nearest parent
+        if not existing.is_dir():
+            raise ConfigError(
+                f"--out {args.out!r}: {str(existing)!r} is an existing file; give a folder path."
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"--out {args.out!r}: folder {str(existing)!r} is not writable; give a writable one."
+            )
+
+
+def _os_error_message(error: OSError) -> str:
+    """One line for an operating-system error (a full disk, a read-only folder, a missing file)."""
+    where = f" ({error.filename})" if error.filename else ""
+    denied = error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    remedy = "; free some space or write to another --out, then rerun" if error.errno == errno.ENOSPC else ""
+    return f"{error.strerror or error}{where}{remedy or ('; give a writable --out' if denied else '')}."
+
+
 
 if __name__ == "__main__":
     sys.exit(main())
+    _add_verify(sub)
+        _prepare(args)
+    except OSError as exc:
+        print(f"retrac {args.command}: error: {_os_error_message(exc)}", file=sys.stderr)
+        return 2

@@ -6,7 +6,9 @@ Sources:
 * ``.npz``: key ``images`` (or the only array), optional ``labels`` ``(N,)`` and ``ids`` ``(N,)``.
 * a folder of PNG/JPEG files (sorted by name); ids are the file names.
 
-``uint8`` arrays are scaled by ``x / 127.5 - 1``; float arrays must already lie in ``[-1, 1]``.
+``uint8`` arrays are scaled by ``x / 127.5 - 1`` and ``uint16`` arrays (16-bit PNGs) by
+``x / 32767.5 - 1``; float arrays must already lie in ``[-1, 1]``. Grayscale files of any bit depth
+(PIL modes ``L``, ``I;16``, ``I``, ``F``, ...) load as one channel.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from retrac.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHANNEL_COUNTS = (1, 3, 4)
+GRAY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # one-channel PIL modes
 
 
 @dataclass
@@ -48,6 +51,11 @@ class ImageDataset:
             )
         if self.images.shape[0] == 0:
             raise DataError(f"the data set {self.source or ''} is empty; give at least one image.")
+        if min(self.images.shape[1:]) == 0:
+            raise DataError(
+                f"images from {self.source or 'input'} have shape {tuple(self.images.shape[1:])} (C, H, W) with "
+                "a zero-sized axis; give images with at least one channel and one pixel."
+            )
         if len(self.ids) != self.images.shape[0]:
             raise DataError(
                 f"{len(self.ids)} ids for {self.images.shape[0]} images in {self.source}; give one id per image."
@@ -121,6 +129,8 @@ def images_from_array(array: np.ndarray, source: str = "array") -> Tensor:
     array = np.asarray(array)
     if array.dtype == np.uint8:
         array = array.astype(np.float32) / 127.5 - 1.0
+    elif array.dtype == np.uint16:
+        array = (array.astype(np.float64) / 32767.5 - 1.0).astype(np.float32)
     elif np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
     else:
@@ -137,16 +147,28 @@ def _read_image_files(files: list[Path], source: str) -> ImageDataset:
     for file in files:
         try:
             with Image.open(file) as img:
-                gray = img.mode in ("L", "LA", "I", "1")
-                arrays.append(np.asarray(img.convert("L") if gray else img.convert("RGB")))
+                arrays.append(_pixels(img))
         except Exception as exc:
             raise DataError(f"image {str(file)!r} cannot be read: {exc}") from exc
+    if len({a.dtype for a in arrays}) > 1:  # 8-bit and 16-bit files in one folder: scale each
+        arrays = [images_from_array(a[None], source)[0].numpy() for a in arrays]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise DataError(
             f"images in {source!r} have different sizes {sorted(shapes)}; resize them to one size."
         )
     return ImageDataset(images_from_array(np.stack(arrays), source), [f.name for f in files], source=source)
+
+
+def _pixels(img) -> np.ndarray:
+    """One image file's pixels: ``(H, W)`` for grayscale modes (8 or 16 bit), ``(H, W, 3)`` otherwise."""
+    if img.mode in GRAY_MODES:
+        if img.mode.startswith("I;16"):
+            return np.asarray(img, dtype=np.uint16)  # 16-bit grayscale: keep all 16 bits
+        if img.mode == "I":  # 32-bit integers: older Pillow opens 16-bit PNGs so; values above 2^16 clip
+            return np.clip(np.asarray(img, dtype=np.float64), 0, 65535).astype(np.uint16)
+        return np.asarray(img.convert("L"))
+    return np.asarray(img.convert("RGB"))
 
 
 def _load_folder(folder: Path) -> ImageDataset:

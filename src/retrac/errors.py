@@ -12,6 +12,8 @@ __all__ = [
     "CheckpointError",
     "GradientError",
     "StoreMismatchError",
+    "StoreError",
+    "StoreDamagedError",
 ]
 
 
@@ -37,3 +39,13 @@ class GradientError(RetracError):
 
 class StoreMismatchError(RetracError):
     """A store or index was written with other settings than the ones it is reopened with."""
+
+
+class StoreError(DataError):
+    """A feature store cannot be used as it is on disk (the base of the store's own errors)."""
+
+
+class StoreDamagedError(StoreError):
+    """A store's data no longer matches the digests recorded when it was written (a changed, missing
+    or truncated chunk, a forged ledger entry); the message names the checkpoint and the shard and
+    the ``retrac index`` command that recomputes them."""

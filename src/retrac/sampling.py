@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -29,7 +31,8 @@ def generate_images(
         scheduler: the checkpoint's noise scheduler; a copy is configured, the argument is unchanged.
         num_images: how many images to draw.
         seed: seeds the initial noise and every sampling step.
-        num_inference_steps: reverse steps (default: the scheduler's ``num_train_timesteps``).
+        num_inference_steps: reverse steps in ``[1, T]`` (default: the scheduler's ``T``,
+            ``num_train_timesteps``).
         class_labels: ``(num_images,)`` labels for a class-conditional model.
 
     Returns:
@@ -38,7 +41,13 @@ def generate_images(
     if num_images < 1:
         raise ConfigError(f"num_images={num_images}; ask for at least one image.")
     scheduler = type(scheduler).from_config(scheduler.config)
-    steps = num_inference_steps or int(scheduler.config.num_train_timesteps)
+    total = int(scheduler.config.num_train_timesteps)
+    steps = total if num_inference_steps is None else num_inference_steps
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= total:
+        raise ConfigError(
+            f"sampling steps {steps!r} must be an integer in [1, {total}] (the scheduler's T); "
+            f"give --sampling-steps between 1 and {total}, or leave it out for {total}."
+        )
     scheduler.set_timesteps(steps)
     cfg = model.config
     size = cfg.sample_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retrac.checkpoints import Checkpoint, load_scheduler, load_unet, resolve_checkpoint
+from retrac.checkpoints import Checkpoint, load_scheduler, load_unet, resolve_checkpoint, with_scheduler
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import CheckpointError, ConfigError
 from retrac.events import EventPlan
@@ -57,6 +58,33 @@ def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
             f"--shard {index}/{count} is out of range; I must lie in [0, N) with N >= 1, e.g. 0/{max(count, 1)}."
         )
     return index, count
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``--device`` as a ``torch.device`` that exists here (``"cuda"`` under torchrun: ``cuda:LOCAL_RANK``).
+
+    Raises:
+        ConfigError: not a torch device name, or a CUDA / MPS device this machine does not have.
+    """
+    if str(device) == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"--device {device!r} is not a torch device; give cpu, cuda, cuda:N or mps."
+        ) from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise ConfigError(
+                f"--device {device!r}: this machine has {count} CUDA device(s); use --device cpu."
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device!r}: MPS is not available here; use --device cpu.")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device!r} is not supported; give cpu, cuda, cuda:N or mps.")
+    return resolved
+
 
 
 def _versions() -> dict:
@@ -161,12 +189,23 @@ def featurize_dataset(
     """
     config = config or IndexConfig()
     shard_index, shard_count = parse_shard(shard)
-    if str(device) == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process
-    device = torch.device(device)
+    device = resolve_device(device)
     dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
-    resolved = [c if isinstance(c, Checkpoint) else resolve_checkpoint(c) for c in checkpoints]
+    resolved = [
+        with_scheduler(c if isinstance(c, Checkpoint) else resolve_checkpoint(c)) for c in checkpoints
+    ]
     if not resolved:
+    for checkpoint in resolved[1:]:  # every checkpoint is featurized with checkpoint 0's scheduler
+        differ = sorted(
+            key
+            for key in set(checkpoint.scheduler) | set(resolved[0].scheduler)
+            if checkpoint.scheduler.get(key) != resolved[0].scheduler.get(key)
+        )
+        if differ:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path!r} has another scheduler than {resolved[0].path!r} "
+                f"(differing: {', '.join(differ)}); give checkpoints of one training run."
+            )
         raise CheckpointError("no checkpoint given; pass --checkpoint PATH[=WEIGHT] at least once.")
 
     task = _load_task(resolved[0], config, device)
@@ -179,10 +218,12 @@ def featurize_dataset(
         for k in range(len(resolved))
     ]
     attrs = store_attributes(config, task, plan, projectors, resolved, dataset)
+    if store.ids_problem() is not None:  # a damaged ids chunk: the data set's ids are the recorded ones
+        store.rewrite_ids(dataset.ids)
     store = FeatureStore.create_or_open(out, attrs, dataset.ids)
 
     owned = [s for s in range(store.num_shards) if s % shard_count == shard_index]
-    todo = {k: [s for s in owned if s not in store.completed_shards(k)] for k in range(len(resolved))}
+    todo = {k: _shards_to_compute(store, k, owned) for k in range(len(resolved))}
     total = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for shards in todo.values() for s in shards)
     bar = tqdm(total=total, desc=f"index {Path(out).name}", unit="sample", disable=not progress)
     for k, checkpoint in enumerate(resolved):
@@ -202,6 +243,25 @@ def featurize_dataset(
             _featurize_shard(store, task, projector, plan, dataset, config, k, shard_id, start, stop, bar)
     bar.close()
     return FeatureStore.open(out)
+
+def _shards_to_compute(store: FeatureStore, k: int, owned: list[int]) -> list[int]:
+    """The shards of ``owned`` that checkpoint ``k`` still needs: not in the ledger, or failing their digest.
+
+    A shard whose ledger entry exists is read back and checked (docs/design.md section 3: resume recomputes
+    damaged shards); a failing one loses its entry and is recomputed whole.
+    """
+    done = store.completed_shards(k)
+    todo = []
+    for shard in owned:
+        problem = store.shard_problem(k, shard) if shard in done else "not computed"
+        if problem is None:
+            continue
+        if shard in done:
+            warnings.warn(f"recomputing shard {shard} of checkpoint {k}: {problem}", stacklevel=3)
+            store.drop_ledger_entry(k, shard)
+        todo.append(shard)
+    return todo
+
 
 
 def _featurize_shard(store, task, projector, plan, dataset, config, k, shard_id, start, stop, bar) -> None:

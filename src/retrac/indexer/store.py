@@ -19,7 +19,16 @@ entry may be torn and is rewritten whole by a resumed run.
 Root attributes: ``format`` (name, version), ``config`` (:class:`IndexConfig` less runtime
 fields), ``task``, ``projectors`` (per checkpoint: kind, dim, seed, backend, norm kind),
 ``norm_kind``, ``events`` (the resolved schedule with ``num_events``), ``checkpoints`` (path,
-weight, sha256, step), ``dataset`` (size, fingerprint, source), ``layout`` and library ``versions``.
+weight, sha256, step, scheduler config), ``dataset`` (size, fingerprint, source), ``layout``,
+``integrity`` (the sha256 of the ids) and library ``versions``.
+
+Integrity: each ledger entry records the sha256 of its shard's data (``features``, ``norms``,
+``timesteps``, ``valid`` in their stored dtypes, row-major, in that order). Every read of a whole
+shard (:meth:`FeatureStore.read_shard`, :meth:`FeatureStore.blocks`, which the index build streams)
+recomputes it, so a changed, missing (read back as fill values) or truncated chunk, or a ledger entry
+for data that was never written, is refused with :class:`~retrac.errors.StoreDamagedError` naming the
+checkpoint, the shard and the ``retrac index`` command that recomputes it; a resumed ``retrac index``
+recomputes every shard that fails its digest. ``retrac verify STORE`` checks them all.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -36,14 +46,22 @@ from pathlib import Path
 import numpy as np
 
 from retrac.checkpoints import Checkpoint
-from retrac.errors import ConfigError, DataError, StoreMismatchError
+from retrac.errors import ConfigError, DataError, StoreDamagedError, StoreMismatchError
 from retrac.indexer.config import IndexConfig
+from retrac.indexer.integrity import (
+    SHARD_ARRAYS,
+    ids_digest,
+    index_command,
+    ledger_entry_problem,
+    shard_digest,
+)
 
 FORMAT_NAME = "retrac-feature-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ids digest in the root attributes, scheduler config per checkpoint record
 MIN_CHUNK_BYTES = 1 << 20
 LOCATION_KEYS = ("path", "log", "source")  # where things live, not what they are: not compared
 COMPARED_KEYS = ("format", "config", "task", "projectors", "events", "checkpoints", "dataset")
+LEDGER_NAME = re.compile(r"shard-(\d+)\.json")
 
 
 def checkpoint_group(k: int) -> str:
@@ -111,6 +129,16 @@ class FeatureBlock:
     timesteps: np.ndarray  # (n, S) int32
     valid: np.ndarray  # (n, S) bool
 
+    def rows(self, start: int, stop: int) -> FeatureBlock:
+        """Rows ``[start, stop)`` (store row numbers) of this block."""
+        local = slice(start - self.start, stop - self.start)
+        return FeatureBlock(start, stop, *(getattr(self, name)[local] for name in SHARD_ARRAYS))
+
+    def join(self, after: FeatureBlock) -> FeatureBlock:
+        """This block followed by the next rows ``after``."""
+        arrays = (np.concatenate([getattr(self, n), getattr(after, n)]) for n in SHARD_ARRAYS)
+        return FeatureBlock(self.start, after.stop, *arrays)
+
 
 class FeatureStore:
     """A featurization on disk: read API for the query side, shard writes for the indexer.
@@ -159,8 +187,9 @@ class FeatureStore:
             raise DataError(f"{str(path)!r} is a Zarr group but not a retrac feature store (format {fmt!r}).")
         if fmt.get("version") != FORMAT_VERSION:
             raise DataError(
-                f"store {str(path)!r} has format version {fmt.get('version')}, this retrac reads "
-                f"version {FORMAT_VERSION}; rebuild it with `retrac index`."
+                f"store {str(path)!r} has format version {fmt.get('version')}, this retrac reads version "
+                f"{FORMAT_VERSION} (version 1 recorded no digest of the ids nor the scheduler's config, which "
+                "are now checked); featurize again with `retrac index` into a new --out."
             )
         return cls(path, group)
 
@@ -208,6 +237,7 @@ class FeatureStore:
                 f"--out {str(path)!r}: folder {str(parent)!r} is not writable; give a writable path."
             )
         staging = parent / f".{path.name}.creating-{uuid.uuid4().hex}"
+        attrs = {**attrs, "integrity": attrs.get("integrity") or {"ids_sha256": ids_digest(ids)}}
         try:
             group = zarr.open_group(str(staging), mode="w-", zarr_format=3, attributes=attrs)
             layout = attrs["layout"]
@@ -249,10 +279,58 @@ class FeatureStore:
 
     @property
     def ids(self) -> list[str]:
-        """The ``N`` sample ids in row order."""
+        """The ``N`` sample ids in row order (checked against the recorded digest).
+
+        Raises:
+            StoreDamagedError: the ids cannot be read or differ from the ones the store was made with.
+        """
         if self._ids is None:
-            self._ids = [str(i) for i in self._group["ids"][:]]
+            ids, problem = self._read_ids()
+            if problem:
+                raise StoreDamagedError(
+                    f"store {str(self.path)!r} is damaged: {problem}; {self.recompute_hint()}"
+                )
+            self._ids = ids
         return self._ids
+
+    def _read_ids(self) -> tuple[list[str], str | None]:
+        """``(ids, problem)``: the stored ids and why they cannot be trusted (``None`` when whole)."""
+        try:
+            ids = [str(i) for i in self._group["ids"][:]]
+        except Exception as exc:  # a missing array or a truncated chunk
+            return [], f"the ids cannot be read ({type(exc).__name__}: {exc})"
+        recorded = (self.attrs.get("integrity") or {}).get("ids_sha256")
+        if len(ids) != self.num_samples or ids_digest(ids) != recorded:
+            return ids, "the ids do not match their recorded sha256 (a changed or missing ids chunk)"
+        return ids, None
+
+    def ids_problem(self) -> str | None:
+        """Why the stored ids cannot be trusted (``None``: they match their recorded digest)."""
+        return self._read_ids()[1]
+
+    def rewrite_ids(self, ids: list[str]) -> None:
+        """Write the ids again (a resumed featurization repairing a damaged ids chunk).
+
+        Raises:
+            StoreMismatchError: ``ids`` are not the ones whose digest the store recorded.
+        """
+        if ids_digest(ids) != (self.attrs.get("integrity") or {}).get("ids_sha256"):
+            raise StoreMismatchError(
+                f"these ids are not the ones the store {str(self.path)!r} was made with."
+            )
+        self._writable_group()["ids"][:] = np.asarray(ids, dtype=str)
+        self._ids = None
+
+    def recompute_hint(self, k: int | None = None, shard: int | None = None) -> str:
+        """The remedy for damage: rerun the store's ``retrac index`` command, naming what it recomputes."""
+        what = "the damaged data will be rewritten"
+        if k is not None and shard is not None:
+            what = f"shard {shard} of {checkpoint_group(k)} will be recomputed"
+        try:
+            command = index_command(self.attrs, self.path)
+        except Exception:  # attributes too damaged to spell the command out
+            command = f"retrac index ... --out {self.path}"
+        return f"rerun `retrac index` with the same arguments (`{command}`): {what}"
 
     @property
     def weights(self) -> list[float]:
@@ -269,11 +347,36 @@ class FeatureStore:
         return self.path / "ledger" / checkpoint_group(k) / f"shard-{shard:06d}.json"
 
     def completed_shards(self, k: int) -> set[int]:
-        """Shards of checkpoint ``k`` whose ledger entry exists (their data is whole)."""
+        """Shards of checkpoint ``k`` whose ledger entry exists (their data was written whole).
+
+        Cheap: the data is not read. :meth:`shard_problem` checks a shard's digest.
+        """
         folder = self.path / "ledger" / checkpoint_group(k)
         if not folder.is_dir():
             return set()
-        return {int(f.stem.split("-")[1]) for f in folder.glob("shard-*.json")}
+        return {int(m.group(1)) for f in folder.iterdir() if (m := LEDGER_NAME.fullmatch(f.name))}
+
+    def ledger_entry(self, k: int, shard: int) -> dict | None:
+        """The ledger entry of shard ``shard`` of checkpoint ``k`` (``None``: not computed yet).
+
+        Raises:
+            StoreDamagedError: the entry is unreadable or describes another shard.
+        """
+        path = self._ledger_file(k, shard)
+        try:
+            entry = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._damaged(k, shard, f"its ledger entry {path.name} cannot be read ({exc})") from None
+        problem = ledger_entry_problem(entry, k, shard, self.shard_range(shard))
+        if problem:
+            raise self._damaged(k, shard, f"its ledger entry {path.name} is not valid: {problem}")
+        return entry
+
+    def drop_ledger_entry(self, k: int, shard: int) -> None:
+        """Forget that shard ``shard`` of checkpoint ``k`` was computed (before recomputing it)."""
+        self._ledger_file(k, shard).unlink(missing_ok=True)
 
     def missing(self) -> list[tuple[int, int]]:
         """``(checkpoint, shard)`` pairs not yet in the ledger."""
@@ -316,11 +419,10 @@ class FeatureStore:
             "timesteps": np.ascontiguousarray(timesteps, dtype=np.int32),
             "valid": np.ascontiguousarray(valid, dtype=bool),
         }
-        digest = hashlib.sha256()  # of the shard's data, recorded in its ledger entry
         for name, data in arrays.items():
             self._write_region(group[name], start, stop, data)
-            digest.update(memoryview(data.reshape(-1)).cast("B"))
-        entry = {"checkpoint": k, "shard": shard, "rows": [start, stop], "sha256": digest.hexdigest()}
+        # the digest of the shard's data, recorded in its ledger entry and checked by read_shard
+        entry = {"checkpoint": k, "shard": shard, "rows": [start, stop], "sha256": shard_digest(arrays)}
         target = self._ledger_file(k, shard)
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
@@ -344,35 +446,120 @@ class FeatureStore:
             raise ConfigError(f"checkpoint index {k} is out of range; the store has {self.num_checkpoints}.")
         return self._group[f"{checkpoint_group(k)}/{name}"]
 
+    def _read(self, k: int, name: str, rows: slice) -> np.ndarray:
+        """Rows ``rows`` of array ``name`` of checkpoint ``k`` in the stored dtype."""
+        if not 0 <= k < self.num_checkpoints:
+            raise ConfigError(f"checkpoint index {k} is out of range; the store has {self.num_checkpoints}.")
+        try:
+            return np.asarray(self._array(k, name)[rows])
+        except Exception as exc:  # a missing array, a truncated or otherwise unreadable chunk
+            raise StoreDamagedError(
+                f"store {str(self.path)!r} is damaged: {checkpoint_group(k)}/{name} rows {rows.start}-{rows.stop} "
+                f"cannot be read ({type(exc).__name__}: {exc}); {self.recompute_hint()}"
+            ) from None
+
     def features(self, k: int, rows: slice = slice(None)) -> np.ndarray:
-        """``phi_k`` of rows ``rows``: ``(n, S, d)`` float32."""
-        return np.asarray(self._array(k, "features")[rows], dtype=np.float32)
+        """``phi_k`` of rows ``rows``: ``(n, S, d)`` float32 (not digest-checked: :meth:`read_shard` is)."""
+        return np.asarray(self._read(k, "features", rows), dtype=np.float32)
 
     def norms(self, k: int, rows: slice = slice(None)) -> np.ndarray:
         """``n_k`` of rows ``rows``: ``(n, S)`` float32 (exact or projected: see ``norm_kind``)."""
-        return np.asarray(self._array(k, "norms")[rows], dtype=np.float32)
+        return np.asarray(self._read(k, "norms", rows), dtype=np.float32)
 
     def timesteps(self, k: int, rows: slice = slice(None)) -> np.ndarray:
         """Timesteps of the events of rows ``rows``: ``(n, S)`` int32, ``-1`` in padding slots."""
-        return np.asarray(self._array(k, "timesteps")[rows])
+        return self._read(k, "timesteps", rows)
 
     def valid(self, k: int, rows: slice = slice(None)) -> np.ndarray:
         """Which event slots of rows ``rows`` hold an event: ``(n, S)`` bool."""
-        return np.asarray(self._array(k, "valid")[rows], dtype=bool)
+        return np.asarray(self._read(k, "valid", rows), dtype=bool)
 
-    def blocks(self, k: int, block_rows: int | None = None) -> Iterator[FeatureBlock]:
-        """Stream checkpoint ``k`` in row blocks (default: one shard per block, aligned to the files)."""
+    def _damaged(self, k: int, shard: int, problem: str) -> StoreDamagedError:
+        """The error for a damaged shard; ``.where`` and ``.problem`` hold its parts (``retrac verify``)."""
+        start, stop = self.shard_range(shard)
+        where = f"shard {shard} (rows {start}-{stop}) of {checkpoint_group(k)}"
+        error = StoreDamagedError(
+            f"store {str(self.path)!r} is damaged: {where}: {problem}; {self.recompute_hint(k, shard)}"
+        )
+        error.where, error.problem = where, problem
+        return error
+
+    def read_shard(self, k: int, shard: int, verify: bool = True) -> FeatureBlock:
+        """Read one whole shard of checkpoint ``k``, checking it against its ledger digest.
+
+        Costs one sha256 pass over data that is read anyway (docs/design.md section 3).
+
+        Args:
+            k: the checkpoint.
+            shard: the shard (rows :meth:`shard_range` ``(shard)``).
+            verify: check the ledger entry and the digest (``False``: read as is).
+
+        Returns:
+            The shard as a :class:`FeatureBlock` of float32 / int32 / bool arrays.
+
+        Raises:
+            StoreDamagedError: no ledger entry (never computed), an unreadable chunk, or data whose
+                sha256 differs from the ledger's (a changed or missing chunk, a forged entry).
+        """
+        start, stop = self.shard_range(shard)
+        entry = self.ledger_entry(k, shard) if verify else None
+        if verify and entry is None:
+            raise self._damaged(k, shard, "it has no ledger entry (it was never computed)")
+        raw = {}
+        for name in SHARD_ARRAYS:
+            try:
+                raw[name] = np.asarray(self._group[f"{checkpoint_group(k)}/{name}"][start:stop])
+            except KeyError:
+                raise self._damaged(k, shard, f"array {name} is missing") from None
+            except Exception as exc:  # a truncated or otherwise unreadable chunk
+                raise self._damaged(
+                    k, shard, f"array {name} cannot be read ({type(exc).__name__}: {exc})"
+                ) from None
+        if verify:
+            actual = shard_digest(raw)
+            if actual != entry["sha256"]:
+                raise self._damaged(
+                    k,
+                    shard,
+                    f"its data has sha256 {actual[:12]}..., its ledger entry records {entry['sha256'][:12]}... "
+                    "(a changed or missing chunk, or an entry for data never written)",
+                )
+        read_dtypes = (np.float32, np.float32, np.int32, bool)  # features, norms, timesteps, valid
+        return FeatureBlock(
+            start,
+            stop,
+            *(np.asarray(raw[n], dtype=t) for n, t in zip(SHARD_ARRAYS, read_dtypes, strict=True)),
+        )
+
+    def shard_problem(self, k: int, shard: int) -> str | None:
+        """Why shard ``shard`` of checkpoint ``k`` is not whole (``None``: it matches its digest)."""
+        try:
+            self.read_shard(k, shard)
+        except StoreDamagedError as exc:
+            return getattr(exc, "problem", str(exc))
+        return None
+
+    def blocks(self, k: int, block_rows: int | None = None, verify: bool = True) -> Iterator[FeatureBlock]:
+        """Stream checkpoint ``k`` in row blocks of ``block_rows`` (default: one shard per block).
+
+        Shards are read whole and, with ``verify``, checked against their ledger digests as they
+        stream (:meth:`read_shard`), so a damaged store is refused before a block of it is used.
+
+        Raises:
+            StoreDamagedError: a shard fails its digest (names the checkpoint, the shard and the fix).
+        """
         step = block_rows or self.shard_rows
-        for start in range(0, self.num_samples, step):
-            rows = slice(start, min(start + step, self.num_samples))
-            yield FeatureBlock(
-                rows.start,
-                rows.stop,
-                self.features(k, rows),
-                self.norms(k, rows),
-                self.timesteps(k, rows),
-                self.valid(k, rows),
-            )
+        if step < 1:
+            raise ConfigError(f"block_rows={block_rows} must be at least 1.")
+        buffer = None
+        for shard in range(self.num_shards):
+            block = self.read_shard(k, shard, verify)
+            buffer = block if buffer is None else buffer.join(block)
+            while buffer.stop - buffer.start >= step:
+                yield buffer.rows(buffer.start, buffer.start + step)
+                buffer = buffer.rows(buffer.start + step, buffer.stop)
+        if buffer is not None and buffer.stop > buffer.start:
+            yield buffer
 
     def projector(self, k: int, task):
         """Rebuild ``P_k`` (recorded kind, dim, seed, backend) for the query side.

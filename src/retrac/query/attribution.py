@@ -10,7 +10,6 @@ gradient code path as the indexer (``retrac.gradients.projected_gradients``).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from retrac._io import read_json
 from retrac.checkpoints import load_unet, state_dict_sha256
 from retrac.errors import ConfigError, DataError, StoreMismatchError
 from retrac.events import derive_seed, noise_from_seed
@@ -193,7 +193,9 @@ def _manifest(store, method: Method, kernel_record: dict | None) -> dict:
             "num_checkpoints": store.num_checkpoints,
             "dim_per_checkpoint": store.dim,
         },
-        "checkpoints": [{"sha256": c.sha256, "weight": c.weight} for c in store.checkpoints],
+        "checkpoints": [
+            {"sha256": c.sha256, "weight": c.weight, "scheduler": c.scheduler} for c in store.checkpoints
+        ],
     }
 
 
@@ -291,7 +293,7 @@ class Attributor:
 
     # ------------------------------------------------------------------ loading
     def _load_checkpoint(self, k: int):
-        from retrac.checkpoints import load_scheduler
+        from retrac.checkpoints import check_scheduler, load_scheduler
         from retrac.task import DiffusionTask
 
         ckpt = self._store.checkpoints[k]
@@ -303,9 +305,11 @@ class Attributor:
                 f"{ckpt.sha256[:12]}...: the weights changed since indexing; restore them or re-index."
             )
         cfg = self._store.config
+        scheduler = load_scheduler(ckpt.path)
+        check_scheduler(ckpt, scheduler)  # the scheduler recorded at indexing (prediction type, betas, T)
         return DiffusionTask(
             model.to(self.device),
-            load_scheduler(ckpt.path),
+            scheduler,
             cfg.objective,
             list(cfg.include) or None,
             list(cfg.exclude) or None,
@@ -435,8 +439,8 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise DataError(
             f"{str(directory)!r} holds no manifest.json: not a retrac index; build one with `retrac build`."
         )
-    manifest = json.loads(path.read_text())
-    if "method" not in manifest or "store" not in manifest:
+    manifest = read_json(path, "index manifest", DataError)
+    if not isinstance(manifest, dict) or "method" not in manifest or "store" not in manifest:
         raise DataError(
             f"{str(path)!r} is not an attribution index manifest (no method / store); build it with `retrac build`."
         )

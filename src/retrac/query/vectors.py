@@ -55,8 +55,10 @@ class Method:
             raise ConfigError(
                 f"vector kind {self.vectors!r} is unknown; choose one of {', '.join(VECTOR_KINDS)}."
             )
-        if self.kernel_c is not None and not self.kernel_c > 0:
-            raise ConfigError(f"kernel c={self.kernel_c} must be positive (lambda_k = c * mean ||u_k||^2).")
+        if self.kernel_c is not None and not 0 < self.kernel_c < float("inf"):
+            raise ConfigError(
+                f"kernel c={self.kernel_c} must be positive and finite (lambda_k = c * mean ||u_k||^2)."
+            )
 
     @classmethod
     def named(cls, name: str, kernel: float | None = None) -> Method:

@@ -1,0 +1,199 @@
+"""``retrac verify PATH``: check a feature store (or an index folder) against its recorded digests.
+
+A store is whole when its ids match ``integrity.ids_sha256`` and every shard of every checkpoint has a
+ledger entry whose sha256 matches the shard's data (docs/design.md section 3); ledger files that name
+no shard of the store are never read and only noted. The check streams the store one shard at a
+time. An index folder is checked against the digests its manifest records, if it records any.
+
+Each kind of artifact has one verifier in ``VERIFIERS``: a function ``(path, progress) ->
+VerifyReport`` and a test of whether a path holds that kind; :func:`verify` picks the one that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from retrac._io import file_sha256, read_json
+from retrac.errors import ConfigError, DataError, StoreDamagedError
+from retrac.indexer.store import LEDGER_NAME, FeatureStore, checkpoint_group
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing that is not whole: ``where`` (a shard, a file) and what is wrong with it."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` checked and found.
+
+    Attributes:
+        kind: ``"store"`` or ``"index"``.
+        path: the artifact.
+        checked: how many units were checked (shards for a store, files for an index).
+        problems: one :class:`Problem` per damaged unit (empty when whole).
+        remedy: how to repair a damaged artifact.
+        notes: what could not be checked, and why.
+    """
+
+    kind: str
+    path: Path
+    checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    remedy: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def whole(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        """One line per problem and note, then the verdict (with the remedy when damaged)."""
+        out = [f"{self.path}: {problem}" for problem in self.problems]
+        out += [f"{self.path}: note: {note}" for note in self.notes]
+        units = "shards" if self.kind == "store" else "files"
+        if self.problems:
+            return [
+                *out,
+                f"{self.kind} {self.path} is damaged ({len(self.problems)} problems); {self.remedy}",
+            ]
+        return [*out, f"{self.kind} {self.path} is whole ({self.checked} {units} checked)"]
+
+
+def _stray_ledger_entries(store: FeatureStore) -> list[Path]:
+    """Files in ``ledger/`` that name no shard of ``store`` (a checkpoint or shard out of range)."""
+    root = store.path / "ledger"
+    known = {checkpoint_group(k) for k in range(store.num_checkpoints)}
+    strays = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.name not in known or not folder.is_dir():
+            strays.append(folder)
+            continue
+        for file in sorted(folder.iterdir()):
+            if file.name.startswith("."):
+                continue  # the temporary file of an interrupted ledger write
+            match = LEDGER_NAME.fullmatch(file.name)
+            if not match or int(match.group(1)) >= store.num_shards:
+                strays.append(file)
+    return strays
+
+
+def verify_store(path: str | Path, progress: bool = False) -> VerifyReport:
+    """Check every shard of every checkpoint of a store against its ledger digest (streamed).
+
+    Args:
+        path: the store folder.
+        progress: show a progress bar over the shards.
+
+    Returns:
+        The :class:`VerifyReport`; its ``remedy`` is the ``retrac index`` command that recomputes
+        the damaged shards.
+
+    Raises:
+        DataError: ``path`` holds no readable retrac store of this format version.
+    """
+    store = FeatureStore.open(path)
+    report = VerifyReport("store", store.path, remedy=store.recompute_hint())
+    problem = store.ids_problem()
+    if problem:
+        report.problems.append(Problem("ids", problem))
+    for stray in _stray_ledger_entries(store):  # never read, so they change no result
+        report.notes.append(
+            f"{stray.relative_to(store.path)} names no checkpoint or shard of this store (ignored)"
+        )
+    total = store.num_checkpoints * store.num_shards
+    with tqdm(total=total, desc=f"verify {store.path.name}", unit="shard", disable=not progress) as bar:
+        for k in range(store.num_checkpoints):
+            for shard in range(store.num_shards):
+                start, stop = store.shard_range(shard)
+                where = f"shard {shard} (rows {start}-{stop}) of {checkpoint_group(k)}"
+                try:
+                    store.read_shard(k, shard)
+                except StoreDamagedError as error:
+                    report.problems.append(Problem(where, getattr(error, "problem", str(error))))
+                report.checked += 1
+                bar.update()
+    return report
+
+
+def verify_index(path: str | Path, progress: bool = False) -> VerifyReport:
+    """Check an index folder: its manifest reads, its files exist, and match the digests it records.
+
+    The manifest's ``digests`` (``{file name: sha256}``) are checked with streamed reads; a manifest
+    that records none is reported in ``notes`` (only presence and sizes were checked).
+
+    Raises:
+        DataError: ``path`` holds no readable manifest.
+    """
+    directory = Path(path)
+    manifest = read_json(directory / "manifest.json", "index manifest", DataError)
+    if not isinstance(manifest, dict):
+        raise DataError(f"{directory / 'manifest.json'} is not an index manifest (not a JSON object).")
+    report = VerifyReport(
+        "index", directory, remedy="rebuild the index with the same `retrac build` command."
+    )
+    files = {manifest.get("index_file", "index.faiss"): manifest.get("index_file_bytes")}
+    if manifest.get("kernel"):
+        files[manifest["kernel"].get("file", "kernel.npz")] = None
+    digests = manifest.get("digests") or {}
+    if not digests:
+        report.notes.append("the manifest records no file digests: only presence and sizes were checked")
+    for name in sorted(set(files) | set(digests)):
+        target = directory / name
+        report.checked += 1
+        if not target.is_file():
+            report.problems.append(Problem(name, "missing"))
+            continue
+        size = files.get(name)
+        if size is not None and target.stat().st_size != size:
+            report.problems.append(
+                Problem(name, f"{target.stat().st_size} bytes, the manifest records {size}")
+            )
+            continue
+        recorded = digests.get(name)
+        recorded = recorded.get("sha256") if isinstance(recorded, dict) else recorded
+        if recorded is not None and (actual := file_sha256(target)) != recorded:
+            report.problems.append(
+                Problem(name, f"sha256 {actual[:12]}..., the manifest records {str(recorded)[:12]}...")
+            )
+    return report
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def _is_index(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+VERIFIERS: dict[str, tuple[Callable[[Path], bool], Callable[..., VerifyReport]]] = {
+    "store": (_is_store, verify_store),
+    "index": (_is_index, verify_index),
+}
+
+
+def verify(path: str | Path, progress: bool = False) -> VerifyReport:
+    """Verify a feature store or an index folder, whichever ``path`` holds.
+
+    Raises:
+        ConfigError: ``path`` is neither.
+    """
+    path = Path(path)
+    for is_kind, verifier in VERIFIERS.values():
+        if path.is_dir() and is_kind(path):
+            return verifier(path, progress)
+    raise ConfigError(
+        f"{str(path)!r} is neither a feature store (zarr.json) nor an index folder (manifest.json); "
+        "give the folder `retrac index` or `retrac build` wrote."
+    )
