@@ -51,10 +51,8 @@ import torch
 
 from retrac.checkpoints import resolve_checkpoint, save_checkpoint
 from retrac.demo import build_demo_scheduler, build_demo_unet, digits_dataset
-from retrac.factored import FactoredProjector
-from retrac.gradients import flat_per_sample_gradients
 from retrac.indexer import IndexConfig, featurize_dataset
-from retrac.projection import DenseProjector, projector_seed
+from retrac.projection import DenseProjector, FactoredProjector, flat_per_sample_gradients, projector_seed
 from retrac.task import DiffusionTask
 
 

@@ -42,10 +42,15 @@ from retrac.checkpoints import load_scheduler, load_unet, resolve_checkpoint
 from retrac.data import load_dataset
 from retrac.demo import DemoConfig, train_digits_ddpm
 from retrac.events import EventSchedule
-from retrac.factored import DEFAULT_LAYER_DIM, FactoredProjector
-from retrac.gradients import projected_gradients
 from retrac.indexer import IndexConfig
-from retrac.projection import DenseProjector, ExactProjector, projector_seed
+from retrac.projection import (
+    DEFAULT_LAYER_DIM,
+    DenseProjector,
+    ExactProjector,
+    FactoredProjector,
+    projected_gradients,
+    projector_seed,
+)
 from retrac.query.attribution import QueryEvents
 from retrac.query.vectors import DEFAULT_KERNEL_C, query_vectors, train_vectors
 from retrac.task import DiffusionTask

@@ -14,10 +14,14 @@ from retrac.cli import main
 from retrac.data import ImageDataset
 from retrac.errors import ConfigError
 from retrac.events import event_noise_seed, noise_from_seed
-from retrac.factored import FactoredProjector
-from retrac.gradients import flat_per_sample_gradients, projected_gradients
 from retrac.indexer import FeatureStore, IndexConfig, featurize_dataset
-from retrac.projection import make_projector
+from retrac.projection import (
+    FactoredProjector,
+    flat_per_sample_gradients,
+    make_projector,
+    projected_gradients,
+)
+from retrac.projection.factored import layer_features
 from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
 from retrac.task import DiffusionTask
 
@@ -277,7 +281,7 @@ def test_forming_g_equals_factored_order(tiny_unet, scheduler, monkeypatch):
     projector = FactoredProjector(task, 128, seed=2, layer_dim=6, norms="exact")
     results = {}
     for formed in (False, True):
-        monkeypatch.setattr(FactoredProjector, "_materialize", staticmethod(lambda *args, f=formed: f))
+        monkeypatch.setattr(layer_features, "forms_gradient", lambda *args, f=formed: f)
         results[formed] = projector.featurize_rows(task, x_t, t, target)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)

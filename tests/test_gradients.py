@@ -7,8 +7,7 @@ import torch
 
 from conftest import make_scheduler, make_tiny_unet
 from retrac.errors import DataError, GradientError
-from retrac.gradients import projected_gradients, vmap_friendly_attention
-from retrac.projection import make_projector
+from retrac.projection import make_projector, projected_gradients, vmap_friendly_attention
 from retrac.task import DiffusionTask
 
 

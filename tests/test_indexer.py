@@ -19,8 +19,8 @@ from retrac.cli import main
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import CheckpointError, ConfigError, DataError, GradientError, StoreMismatchError
 from retrac.events import TrainingEventLog, event_noise_seed, noise_from_seed
-from retrac.gradients import projected_gradients
 from retrac.indexer import FeatureStore, IndexConfig, featurize_dataset, parse_shard
+from retrac.projection import projected_gradients
 from retrac.task import DiffusionTask
 
 N = 10

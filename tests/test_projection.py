@@ -8,8 +8,19 @@ import pytest
 import torch
 
 from retrac.errors import ConfigError
-from retrac.gradients import projected_gradients
-from retrac.projection import DenseProjector, ExactProjector, make_projector, projector_seed
+from retrac.projection import (
+    PROJECTOR_KINDS,
+    PROJECTORS,
+    DenseProjector,
+    ExactProjector,
+    FactoredProjector,
+    GradientProjector,
+    make_projector,
+    projected_gradients,
+    projector_from_dict,
+    projector_seed,
+    register_projector,
+)
 from retrac.task import DiffusionTask
 
 
@@ -111,3 +122,51 @@ def test_fast_jl_is_never_a_silent_fallback(tiny_unet, scheduler):
     task = DiffusionTask(tiny_unet, scheduler)
     with pytest.raises(ConfigError, match="fast_jl"):
         make_projector("dense", task, dim=512, backend="fast_jl")
+
+
+def test_registry_lists_each_kind_once_in_order():
+    assert PROJECTOR_KINDS == ("exact", "dense", "factored")
+    assert dict(PROJECTORS) == {
+        "exact": ExactProjector,
+        "dense": DenseProjector,
+        "factored": FactoredProjector,
+    }
+    assert all(cls.kind == kind for kind, cls in PROJECTORS.items())
+    with pytest.raises(ValueError, match="already registered to DenseProjector"):
+        register_projector("dense")(ExactProjector)
+    assert PROJECTORS["dense"] is DenseProjector and ExactProjector.kind == "exact"
+
+
+def test_a_registered_kind_is_built_and_rebuilt_through_the_factories(tiny_unet, scheduler):
+    """A new projector is one class with ``@register_projector``: make_projector and
+    projector_from_dict reach it with no other change."""
+
+    class Negated(GradientProjector):
+        def __init__(self, num_parameters: int, seed: int) -> None:
+            super().__init__(num_parameters, num_parameters, seed)
+
+        @classmethod
+        def create(cls, task, dim, seed, backend, settings):
+            return cls(task.num_parameters, seed)
+
+        @classmethod
+        def from_record(cls, record, task):
+            return cls(task.num_parameters, int(record["seed"]))
+
+        def project(self, grads):
+            return -grads
+
+    task = DiffusionTask(tiny_unet, scheduler)
+    try:
+        register_projector("negated")(Negated)
+        built = make_projector("negated", task, seed=5, checkpoint_index=2)
+        assert isinstance(built, Negated) and built.seed == projector_seed(5, 2)
+        record = built.to_dict()
+        assert record["kind"] == "negated"
+        assert projector_from_dict(record, task).to_dict() == record
+    finally:
+        PROJECTORS.pop("negated", None)
+    with pytest.raises(ConfigError, match="projector 'negated' is unknown"):
+        make_projector("negated", task)
+    with pytest.raises(ConfigError, match="unknown to this retrac"):
+        projector_from_dict(record, task)

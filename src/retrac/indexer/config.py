@@ -23,7 +23,7 @@ class IndexConfig:
             ``t1,t2,...`` (a string, parsed to an :class:`~retrac.events.EventSchedule`).
         projector: ``"factored"`` (default: per-layer LoGra-style projection from layer hooks plus a
             sparse JL second stage to ``dim``; never forms the per-sample gradient, see
-            :mod:`retrac.factored`; norms ``mixed``), ``"dense"`` (trak's seeded JL projection to
+            :mod:`retrac.projection.factored`; norms ``mixed``), ``"dense"`` (trak's seeded JL projection to
             ``dim``; exact norms) or ``"exact"`` (raw gradients).
         dim: ``d`` for ``dense`` and ``factored`` (default 1024); ``None`` or the parameter count for ``exact``.
         dense_backend: ``"basic"`` (trak ``BasicProjector``, any device) or ``"fast_jl"`` (trak

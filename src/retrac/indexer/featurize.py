@@ -16,10 +16,9 @@ from retrac.checkpoints import Checkpoint, load_scheduler, load_unet, resolve_ch
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import CheckpointError, ConfigError
 from retrac.events import EventPlan
-from retrac.gradients import projected_gradients
 from retrac.indexer.config import IndexConfig
 from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore, chunk_rows_for
-from retrac.projection import make_projector
+from retrac.projection import make_projector, projected_gradients
 from retrac.task import DEFAULT_DEVICE, DiffusionTask
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)

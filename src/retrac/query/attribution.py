@@ -4,7 +4,7 @@
 out of a feature store into a FAISS inner-product index (and, with the kernel, accumulates
 ``Phi_k^T Phi_k`` in blocks and saves the preconditioners beside the index). ``Attributor`` loads
 the task, checkpoints, projectors and indexes once and answers many queries with the *same*
-gradient code path as the indexer (``retrac.gradients.projected_gradients``).
+gradient code path as the indexer (``retrac.projection.projected_gradients``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from retrac._io import read_json
 from retrac.checkpoints import load_unet, state_dict_sha256
 from retrac.errors import ConfigError, DataError, StoreMismatchError
 from retrac.events import derive_seed, noise_from_seed
-from retrac.gradients import projected_gradients
+from retrac.projection import projected_gradients
 from retrac.query.index import SearchIndex, build_index, load_index, save_index, search
 from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors, train_vectors
 from retrac.task import DEFAULT_DEVICE

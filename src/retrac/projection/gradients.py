@@ -1,15 +1,18 @@
 """One code path from samples and their events to projected per-sample gradients and norms.
 
-DESIGN section 2: the indexer (train vectors) and the query side (query vectors) both call
-:func:`projected_gradients`, so the two can never drift apart. For every row ``(z, e)`` with
+docs/design.md section 2: the indexer (train vectors) and the query side (query vectors) both
+call :func:`projected_gradients`, so the two can never drift apart. For every row ``(z, e)`` with
 ``e = (t, eps)`` it returns ``phi_k(z, e) = P_k grad_theta l(theta_k; z, e)`` and
-``n_k(z, e) = ||grad_theta l(theta_k; z, e)||`` (DESIGN section 1).
+``n_k(z, e) = ||grad_theta l(theta_k; z, e)||`` (docs/design.md section 1).
 
 Per-sample gradients are taken with ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``) over
 ``task.selected_parameters()``; the other parameters and the buffers are held fixed. diffusers'
 ``AttnProcessor2_0`` (``scaled_dot_product_attention``) has no batching rule on the CPU, so while
 gradients are taken it is swapped for the mathematically identical ``AttnProcessor`` and restored
 afterwards.
+
+This module sits below the projectors: they build on :func:`flat_per_sample_gradients` and
+:func:`default_max_rows`, and it knows :class:`~retrac.projection.base.Projector` only as a type.
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ from retrac.errors import DataError, GradientError
 from retrac.task import DiffusionTask
 
 if TYPE_CHECKING:
-    from retrac.projection import Projector
+    from retrac.projection.base import Projector
 
-__all__ = ["projected_gradients"]
+__all__ = [
+    "default_max_rows",
+    "flat_per_sample_gradients",
+    "projected_gradients",
+    "vmap_friendly_attention",
+]
 
 GRADIENT_BUDGET_BYTES = 256 << 20  # per-chunk memory for the (rows, P) float32 gradients
 MAX_ROWS_PER_CHUNK = 64
