@@ -1,0 +1,103 @@
+"""``retrac audit``: load the indexes, the training data and the pixel index, audit, write."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from retrac.audit.config import AuditConfig
+from retrac.audit.pixel_index import PixelIndex, pixel_index_dir
+from retrac.audit.records import audit_images
+from retrac.audit.training import check_can_sample, load_training_data, self_influence
+from retrac.audit.writers import write_audit
+from retrac.data import ImageDataset, load_dataset
+from retrac.errors import ConfigError
+from retrac.query.attribution import Attributor, QueryEvents
+from retrac.sampling import generate_images
+
+
+def run_audit(
+    indexes: Sequence[str | Path] | str | Path,
+    out: str | Path,
+    images: ImageDataset | str | Path | None = None,
+    generate: int | None = None,
+    seed: int = 0,
+    sampling_steps: int | None = None,
+    data: str | Path | ImageDataset | None = None,
+    config: AuditConfig | None = None,
+    query_events=None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """``retrac audit``: audit given or freshly generated images against an attribution index.
+
+    Args:
+        indexes: attribution index folders built from one store (e.g. ReTrac and TracIn).
+        out: output folder: ``audit.jsonl``, ``summary.json``, ``self_influence.jsonl``, ``index.html``
+            (and ``generated.npz`` with ``generate``).
+        images: the images to audit (an :class:`ImageDataset` or a path ``load_dataset`` reads).
+        generate: instead of ``images``, sample this many images from the last checkpoint.
+        seed: seed of the sampling.
+        sampling_steps: reverse steps of the sampling (default: the scheduler's ``T``).
+        data: the training data (default: the source the store recorded); must match its fingerprint.
+        query_events: :class:`retrac.query.attribution.QueryEvents` of the attribution queries.
+
+    Returns:
+        The summary (also in ``summary.json``) with the written paths under ``"files"``.
+    """
+    if (images is None) == (generate is None):
+        raise ConfigError(
+            "give either images to audit (--images) or a number of images to generate (--generate)."
+        )
+    config = config or AuditConfig()
+    dirs = [indexes] if isinstance(indexes, (str, Path)) else list(indexes)
+    attributor = Attributor(
+        dirs, query_events=query_events or QueryEvents(), device=device, progress=progress
+    )
+    store = attributor.feature_store
+    train = load_training_data(store, data)
+    if config.num_neighbours > len(train):
+        raise ConfigError(
+            f"n={config.num_neighbours} nearest neighbours asked for, but the training set has {len(train)} samples; "
+            f"use n <= {len(train)}."
+        )
+    pixel_index = PixelIndex.load_or_build(pixel_index_dir(dirs[0], train), train)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = None
+    if generate is not None:
+        task = attributor.task
+        check_can_sample(task)
+        generated = generate_images(
+            task.model,
+            task.scheduler,
+            generate,
+            seed=seed,
+            num_inference_steps=sampling_steps,
+            progress=progress,
+        )
+        audited = ImageDataset(generated, [f"generated-{i:04d}" for i in range(generate)], source="generated")
+        audited.save_npz(out / "generated.npz")
+    else:
+        audited = images if isinstance(images, ImageDataset) else load_dataset(images)
+        attributor.task.check_images(audited.images, f"images {audited.source!r}")
+        labels = audited.labels if attributor.task.is_class_conditional else None
+    result = audit_images(
+        audited.images,
+        pixel_index,
+        attributor,
+        config,
+        audited.ids,
+        class_labels=labels,
+        self_influences=self_influence(store),
+    )
+    result.summary["indexes"] = [str(Path(d).resolve()) for d in dirs]
+    result.summary["pixel_index"] = str(pixel_index_dir(dirs[0], train))
+    result.summary["audited"] = {
+        "source": audited.source,
+        "generated": generate,
+        "seed": seed,
+        "steps": sampling_steps,
+    }
+    files = write_audit(result, out, train)
+    return {**result.summary, "files": files}
