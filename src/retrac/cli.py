@@ -19,6 +19,7 @@ from retrac.errors import ConfigError, RetracError
 from retrac.events import SCHEDULE_HELP
 from retrac.indexer.config import DEFAULT_DIM, DTYPES, IndexConfig
 from retrac.lds.cli import add_lds_command
+from retrac.serve.cli import add_serve_command
 
 
 def _add_demo(sub) -> None:
@@ -576,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query(sub)
     _add_audit(sub)
     _add_report(sub)
+    add_serve_command(sub)
     add_lds_command(sub)
     return parser
 

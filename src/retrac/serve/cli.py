@@ -1,0 +1,188 @@
+"""``retrac serve``: the subcommand's options and its run function (fastapi is imported only to run)."""
+
+from __future__ import annotations
+
+import argparse
+
+from retrac.errors import ConfigError
+from retrac.serve.config import ServeConfig
+
+
+def add_serve_command(sub) -> None:
+    """Add ``retrac serve`` to the ``retrac`` subcommands."""
+    defaults = ServeConfig()
+    p = sub.add_parser(
+        "serve",
+        help="an HTTP service and web page over indexes loaded once: POST /attribute, POST /audit, GET /samples/ID",
+        description="Load the model, checkpoints and indexes once and answer attribution queries over HTTP "
+        "(JSON API documented at /docs) with a web page at /. Query gradients of concurrent requests are "
+        "batched; searches run off the event loop; requests are bounded in size, images and k. Nothing is "
+        "written to the store or the indexes.",
+    )
+    p.add_argument(
+        "--index", required=True, action="append", help="an index folder (repeatable, one per method)"
+    )
+    p.add_argument(
+        "--audit",
+        default=None,
+        metavar="DIR|memory",
+        help="enable POST /audit: a `retrac audit` output folder or its pixel index folder (read only), or "
+        "'memory' to build the exact pixel index in memory",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="the training data, for thumbnails and the audit (default: the store's recorded source; fingerprint checked)",
+    )
+    p.add_argument(
+        "--examples",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="images the page offers to pick: .npz, .npy or a folder (repeatable; first --max-examples of each)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument(
+        "--events",
+        default="default",
+        choices=["default", "fast", "paper"],
+        help="query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the query noise (default: %(default)s)")
+    p.add_argument(
+        "--device", default="cpu", help="torch device for the query gradients (default: %(default)s)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy shared machine)",
+    )
+    p.add_argument(
+        "--max-k", type=int, default=defaults.max_k, help="largest k a request may ask (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=defaults.max_images,
+        help="images per request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=defaults.max_upload_bytes / 2**20,
+        help="largest request body in MiB (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-image-side",
+        type=int,
+        default=defaults.max_image_side,
+        help="largest decoded image width / height (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=defaults.batch_window_ms,
+        help="wait this long for concurrent requests to join a gradient batch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=defaults.max_batch_images,
+        help="images per gradient batch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        default=defaults.max_pending_images,
+        help="images allowed to wait for gradients; more get 503 + Retry-After (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-queries",
+        type=int,
+        default=defaults.cache_queries,
+        help="query vectors kept by image digest, 0 = none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--history",
+        type=int,
+        default=defaults.history_queries,
+        help="answered queries kept in memory for a sample's most influenced queries (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default: %(default)s)",
+    )
+    p.set_defaults(func=run_serve_command)
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    if not 0 < args.max_upload_mb <= 1024:
+        raise ConfigError(f"--max-upload-mb {args.max_upload_mb} must lie in (0, 1024].")
+    return ServeConfig(
+        max_k=args.max_k,
+        max_images=args.max_images,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_image_side=args.max_image_side,
+        batch_window_ms=args.batch_window_ms,
+        max_batch_images=args.max_batch,
+        max_pending_images=args.max_pending,
+        cache_queries=args.cache_queries,
+        history_queries=args.history,
+    )
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from retrac.query.attribution import QueryEvents
+    from retrac.serve.app import run_server
+    from retrac.serve.service import AttributionService
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} must be at least 1.")
+        torch.set_num_threads(args.threads)
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} must lie in [0, 65535].")
+    config = serve_config(args)
+    service = AttributionService.load(
+        args.index,
+        audit=args.audit,
+        data=args.data,
+        examples=args.examples,
+        query_events=QueryEvents.preset(args.events, args.seed),
+        device=args.device,
+        config=config,
+    )
+    print(
+        f"retrac serve: {', '.join(service.methods)} over {service.num_samples} training samples; "
+        f"page and API on http://{args.host}:{args.port}/ (API docs at /docs)",
+        flush=True,
+    )
+    try:
+        run_server(service, args.host, args.port, args.log_level)
+    finally:
+        service.close()
+    return 0
+
+
+def serve_command_line(indexes, examples=(), audit: str | None = None, port: int = 8000) -> str:
+    """The ``retrac serve`` command that serves ``indexes`` (printed by ``retrac demo``)."""
+    import shlex
+
+    parts = ["retrac", "serve"]
+    for index in indexes:
+        parts += ["--index", str(index)]
+    for example in examples:
+        parts += ["--examples", str(example)]
+    if audit:
+        parts += ["--audit", str(audit)]
+    if port != 8000:
+        parts += ["--port", str(port)]
+    return shlex.join(parts)
