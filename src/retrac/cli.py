@@ -19,7 +19,32 @@ from retrac.errors import ConfigError, RetracError
 from retrac.events import SCHEDULE_HELP
 from retrac.indexer.config import DEFAULT_DIM, DTYPES, IndexConfig
 from retrac.lds.cli import add_lds_command
-from retrac.serve.cli import add_serve_command
+from retrac.projection import DENSE_BACKENDS, PROJECTOR_KINDS
+from retrac.query.attribution import (
+    DEFAULT_INDEX_KIND,
+    DEFAULT_QUERY_PRESET,
+    DEFAULT_SEARCH_DEVICE,
+    DEFAULT_TOP_K,
+    QUERY_PRESETS,
+    QueryEvents,
+)
+from retrac.query.index import AUTO_FLAT_MAX_ROWS, DEVICES
+from retrac.query.vectors import DEFAULT_KERNEL_C, DEFAULT_METHOD, METHOD_NAMES
+from retrac.report.bias import DEFAULT_TITLE
+from retrac.sampling import DEFAULT_SAMPLING_SEED
+from retrac.task import DEFAULT_DEVICE, OBJECTIVES
+
+TORCH_DEVICE_COMMANDS = ("index", "query", "audit", "report")  # their --device is a torch device
+OUT_FOLDER_COMMANDS = ("demo", "build", "audit", "report")  # their --out is a folder they write
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy shared machine)",
+    )
 
 
 def _add_demo(sub) -> None:
@@ -38,14 +63,14 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--planted-outliers",
         type=int,
-        default=DemoConfig.duplicated_samples,
+        default=DemoConfig.planted_outliers,
         metavar="N",
         help="add N out-of-distribution photo patches to the training set (default: %(default)s)",
     )
     p.add_argument(
         "--duplicate-samples",
         type=int,
-        default=DemoConfig.planted_outliers,
+        default=DemoConfig.duplicated_samples,
         metavar="N",
         help="duplicate N training digits --duplicate-copies times each (default: %(default)s)",
     )
@@ -55,6 +80,8 @@ def _add_demo(sub) -> None:
         default=DemoConfig.duplicate_copies,
         help="copies per duplicated digit (default: %(default)s)",
     )
+    _add_threads(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
 
@@ -81,8 +108,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"training-event log: {summary['events']}")
     for ckpt in summary["checkpoints"]:
         print(f"checkpoint:         {ckpt['path']}  (weight {ckpt['weight']:.4g})")
-    _add_threads(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     print(f"feature store:      {summary['store']}")
     for method, path in summary["indexes"].items():
         print(f"{method + ' index:':<20}{path}")
@@ -139,6 +164,7 @@ def _add_index(sub) -> None:
         choices=OBJECTIVES,
         help="loss (TracIn/ReTrac/TRAK), l1 (paper's code), sqnorm (D-TRAK) (default: %(default)s)",
     )
+    p.add_argument("--dtype", default=IndexConfig.dtype, choices=DTYPES, help="(default: %(default)s)")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -168,8 +194,8 @@ def _add_index(sub) -> None:
     p.add_argument(
         "--device", default=DEFAULT_DEVICE, help="torch device for the gradients (default: %(default)s)"
     )
+    _add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--dtype", default=IndexConfig.dtype, choices=DTYPES, help="(default: %(default)s)")
     p.set_defaults(func=_run_index)
 
 
@@ -188,7 +214,6 @@ def _run_index(args: argparse.Namespace) -> int:
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         shard_rows=args.shard_rows,
-    _add_threads(p)
     )
     store = featurize_dataset(
         args.checkpoint,
@@ -278,6 +303,9 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+QUERY_PRESETS_HELP = ", ".join(f"{name} {t} x {m}" for name, (t, m) in QUERY_PRESETS.items())
+
+
 def _add_query_event_options(p: argparse.ArgumentParser) -> None:
     """``--events`` / ``--seed`` / ``--device``: how query gradients are computed (query, report)."""
     p.add_argument(
@@ -309,9 +337,6 @@ def _add_query(sub) -> None:
         "loss on z'), negative = opponent.",
     )
     p.add_argument(
-QUERY_PRESETS_HELP = ", ".join(f"{name} {t} x {m}" for name, (t, m) in QUERY_PRESETS.items())
-
-
         "--index", required=True, action="append", help="an index folder (repeatable, one per method)"
     )
     p.add_argument(
@@ -424,6 +449,7 @@ def _add_audit(sub) -> None:
         default=DEFAULT_DEVICE,
         help="torch device for gradients and sampling (default: %(default)s)",
     )
+    _add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_audit)
 
@@ -431,6 +457,10 @@ def _add_audit(sub) -> None:
 def _run_audit(args: argparse.Namespace) -> int:
     from retrac.audit import run_audit
 
+    if args.sampling_steps is not None and args.sampling_steps < 1:
+        raise ConfigError(
+            f"--sampling-steps {args.sampling_steps} must be at least 1 (reverse steps of --generate)."
+        )
     config = AuditConfig(
         k=args.k,
         num_neighbours=args.neighbours,
@@ -449,7 +479,6 @@ def _run_audit(args: argparse.Namespace) -> int:
         query_events=QueryEvents.preset(args.query_events),
         device=args.device,
         progress=not args.no_progress,
-    _add_threads(p)
     )
     counts = ", ".join(f"{v} {c}" for v, c in summary["verdict_counts"].items())
     print(f"audited {summary['num_images']} images: {counts} (copy rate {summary['copy_rate']:.3f})")
@@ -458,10 +487,6 @@ def _run_audit(args: argparse.Namespace) -> int:
             f"hot spot {hot['id']}: {hot['outputs']} outputs (nearest of {hot['as_nearest']}, top-1 {hot['as_top1']})"
         )
     for name, path in summary["files"].items():
-    if args.sampling_steps is not None and args.sampling_steps < 1:
-        raise ConfigError(
-            f"--sampling-steps {args.sampling_steps} must be at least 1 (reverse steps of --generate)."
-        )
         print(f"{name + ':':<16}{path}")
     return 0
 
@@ -564,33 +589,6 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="retrac",
-        description="Which training samples made a diffusion model's output? "
-        "Diffusion-TracIn / Diffusion-ReTrac / (D-)TRAK attribution served from a FAISS index.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_demo(sub)
-    _add_index(sub)
-    _add_build(sub)
-    _add_query(sub)
-    _add_audit(sub)
-    _add_report(sub)
-    add_serve_command(sub)
-    add_lds_command(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except RetracError as exc:
-        print(f"retrac {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
 def _add_verify(sub) -> None:
     p = sub.add_parser(
         "verify",
@@ -645,11 +643,37 @@ def _os_error_message(error: OSError) -> str:
     return f"{error.strerror or error}{where}{remedy or ('; give a writable --out' if denied else '')}."
 
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retrac",
+        description="Which training samples made a diffusion model's output? "
+        "Diffusion-TracIn / Diffusion-ReTrac / (D-)TRAK attribution served from a FAISS index.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_index(sub)
+    _add_build(sub)
+    _add_query(sub)
+    _add_audit(sub)
+    _add_report(sub)
+    add_lds_command(sub)
     _add_verify(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
         _prepare(args)
+        return int(args.func(args) or 0)
+    except RetracError as exc:
+        print(f"retrac {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"retrac {args.command}: error: {_os_error_message(exc)}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

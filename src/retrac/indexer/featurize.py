@@ -58,6 +58,7 @@ def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
         )
     return index, count
 
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``--device`` as a ``torch.device`` that exists here (``"cuda"`` under torchrun: ``cuda:LOCAL_RANK``).
 
@@ -83,7 +84,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     elif resolved.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {device!r} is not supported; give cpu, cuda, cuda:N or mps.")
     return resolved
-
 
 
 def _versions() -> dict:
@@ -194,6 +194,7 @@ def featurize_dataset(
         with_scheduler(c if isinstance(c, Checkpoint) else resolve_checkpoint(c)) for c in checkpoints
     ]
     if not resolved:
+        raise CheckpointError("no checkpoint given; pass --checkpoint PATH[=WEIGHT] at least once.")
     for checkpoint in resolved[1:]:  # every checkpoint is featurized with checkpoint 0's scheduler
         differ = sorted(
             key
@@ -205,7 +206,6 @@ def featurize_dataset(
                 f"checkpoint {checkpoint.path!r} has another scheduler than {resolved[0].path!r} "
                 f"(differing: {', '.join(differ)}); give checkpoints of one training run."
             )
-        raise CheckpointError("no checkpoint given; pass --checkpoint PATH[=WEIGHT] at least once.")
 
     task = _load_task(resolved[0], config, device)
     task.check_images(dataset.images[:1], name=f"data {dataset.source!r}")
@@ -217,9 +217,9 @@ def featurize_dataset(
         for k in range(len(resolved))
     ]
     attrs = store_attributes(config, task, plan, projectors, resolved, dataset)
+    store = FeatureStore.create_or_open(out, attrs, dataset.ids)
     if store.ids_problem() is not None:  # a damaged ids chunk: the data set's ids are the recorded ones
         store.rewrite_ids(dataset.ids)
-    store = FeatureStore.create_or_open(out, attrs, dataset.ids)
 
     owned = [s for s in range(store.num_shards) if s % shard_count == shard_index]
     todo = {k: _shards_to_compute(store, k, owned) for k in range(len(resolved))}
@@ -243,6 +243,7 @@ def featurize_dataset(
     bar.close()
     return FeatureStore.open(out)
 
+
 def _shards_to_compute(store: FeatureStore, k: int, owned: list[int]) -> list[int]:
     """The shards of ``owned`` that checkpoint ``k`` still needs: not in the ledger, or failing their digest.
 
@@ -260,7 +261,6 @@ def _shards_to_compute(store: FeatureStore, k: int, owned: list[int]) -> list[in
             store.drop_ledger_entry(k, shard)
         todo.append(shard)
     return todo
-
 
 
 def _featurize_shard(store, task, projector, plan, dataset, config, k, shard_id, start, stop, bar) -> None:

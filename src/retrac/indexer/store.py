@@ -564,7 +564,7 @@ class FeatureStore:
     def projector(self, k: int, task):
         """Rebuild ``P_k`` (recorded kind, dim, seed, backend) for the query side.
 
-        Features the query side makes with it and :func:`retrac.gradients.projected_gradients` are
+        Features the query side makes with it and :func:`retrac.projection.projected_gradients` are
         identical to the stored ones for the same model, sample and events.
 
         Raises:
