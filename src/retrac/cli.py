@@ -1,4 +1,4 @@
-"""The ``retrac`` command: ``demo``, ``index``, ``build``, ``query``, ``audit``, ``report``, ``verify``.
+"""The ``retrac`` command: ``demo``, ``index``, ``build``, ``query``, ``audit``, ``report``, ``serve``, ``verify``.
 
 Each verb parses its options into the library's config objects and calls the Python API.
 """
@@ -32,6 +32,7 @@ from retrac.query.index import AUTO_FLAT_MAX_ROWS, DEVICES
 from retrac.query.vectors import DEFAULT_KERNEL_C, DEFAULT_METHOD, METHOD_NAMES
 from retrac.report.bias import DEFAULT_TITLE
 from retrac.sampling import DEFAULT_SAMPLING_SEED
+from retrac.serve.cli import add_serve_command
 from retrac.task import DEFAULT_DEVICE, OBJECTIVES
 
 TORCH_DEVICE_COMMANDS = ("index", "query", "audit", "report")  # their --device is a torch device
@@ -656,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query(sub)
     _add_audit(sub)
     _add_report(sub)
+    add_serve_command(sub)
     add_lds_command(sub)
     _add_verify(sub)
     return parser
