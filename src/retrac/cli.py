@@ -34,6 +34,7 @@ from retrac.report.bias import DEFAULT_TITLE
 from retrac.sampling import DEFAULT_SAMPLING_SEED
 from retrac.serve.cli import add_serve_command
 from retrac.task import DEFAULT_DEVICE, OBJECTIVES
+from retrac.verify import add_verify_command
 
 TORCH_DEVICE_COMMANDS = ("index", "query", "audit", "report")  # their --device is a torch device
 OUT_FOLDER_COMMANDS = ("demo", "build", "audit", "report")  # their --out is a folder they write
@@ -590,27 +591,6 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_verify(sub) -> None:
-    p = sub.add_parser(
-        "verify",
-        help="check a feature store (or an index folder) against its recorded digests",
-        description="Recompute the sha256 of every shard of a store (streamed) and compare it with the ledger; "
-        "check the ids and the ledger itself. Prints one line per problem and the command that repairs them; "
-        "exit code 2 when damaged, 0 when whole.",
-    )
-    p.add_argument("path", help="a store folder (`retrac index`) or an index folder (`retrac build`)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_verify)
-
-
-def _run_verify(args: argparse.Namespace) -> int:
-    from retrac.verify import verify
-
-    report = verify(args.path, progress=not args.no_progress)
-    print("\n".join(report.lines()))
-    return 0 if report.whole else 2
-
-
 def _prepare(args: argparse.Namespace) -> None:
     """The checks every verb shares: ``--threads``, a torch ``--device``, a writable ``--out`` folder."""
     if getattr(args, "threads", None) is not None:
@@ -659,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     add_serve_command(sub)
     add_lds_command(sub)
-    _add_verify(sub)
+    add_verify_command(sub)
     return parser
 
 

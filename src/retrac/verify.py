@@ -11,6 +11,7 @@ VerifyReport`` and a test of whether a path holds that kind; :func:`verify` pick
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,3 +198,23 @@ def verify(path: str | Path, progress: bool = False) -> VerifyReport:
         f"{str(path)!r} is neither a feature store (zarr.json) nor an index folder (manifest.json); "
         "give the folder `retrac index` or `retrac build` wrote."
     )
+
+
+def add_verify_command(sub) -> None:
+    """Register ``retrac verify PATH`` (called by :func:`retrac.cli.build_parser`)."""
+    p = sub.add_parser(
+        "verify",
+        help="check a feature store (or an index folder) against its recorded digests",
+        description="Recompute the sha256 of every shard of a store (streamed) and compare it with the ledger; "
+        "check the ids too. Prints one line per problem and the command that repairs them; exit code 2 when "
+        "damaged, 0 when whole.",
+    )
+    p.add_argument("path", help="a store folder (`retrac index`) or an index folder (`retrac build`)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    report = verify(args.path, progress=not args.no_progress)
+    print("\n".join(report.lines()))
+    return 0 if report.whole else 2
