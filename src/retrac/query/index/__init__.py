@@ -18,7 +18,7 @@ One module per responsibility, dependencies pointing one way (each imports only 
 * ``sample``: the training sample of IVF / PQ / SQ indexes, from streamed blocks;
 * ``calibrate``: default ``nprobe`` / ``efSearch`` calibrated against exact search;
 * ``build``: ``build_index`` (plan, sample and train, add, calibrate);
-* ``persist``: ``save_index`` / ``load_index`` and the manifest (docs/design.md section 3).
+* ``persist``: ``save_index`` / ``load_index`` and the manifest (docs/design.md section 6).
 """
 
 from retrac.query.index.build import (

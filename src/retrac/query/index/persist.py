@@ -1,4 +1,4 @@
-"""Saving and loading an index: the FAISS file and its ``manifest.json`` (docs/design.md section 3).
+"""Saving and loading an index: the FAISS file and its ``manifest.json`` (docs/design.md section 6).
 
 The manifest holds the index's own entries (format and version, kind, factory, metric, score
 meaning, dimension, rows, build and search parameters, recall, FAISS version, file name and size)
