@@ -114,6 +114,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     for method, path in summary["indexes"].items():
         print(f"{method + ' index:':<20}{path}")
     print(f"report:             {summary['report']}")
+    print(f"serve it:           {summary['serve']}")
     print(f"summary:            {out / 'demo.json'}")
     print("seconds per stage:  " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
     return 0

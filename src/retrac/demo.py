@@ -320,12 +320,14 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
     Returns:
         The demo summary (also written to ``out/demo.json``), with the paths of every artifact.
     """
+    from retrac._io import atomic_save_npz
     from retrac.checkpoints import load_scheduler, load_unet
     from retrac.data import load_dataset
     from retrac.indexer import IndexConfig, featurize_dataset
     from retrac.query.attribution import Attributor, build_attribution_index
     from retrac.report.attribution import write_attribution_report
     from retrac.sampling import generate_images
+    from retrac.serve.cli import serve_command_line
 
     out = Path(out)
     summary = train_digits_ddpm(config, out, progress)
@@ -357,6 +359,11 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
         progress=progress,
     )
     heldout = load_dataset(summary["heldout"]).subset(range(config.num_heldout_queries))
+    generated_path = atomic_save_npz(
+        out / "generated.npz",
+        images=generated.numpy().astype(np.float32),
+        ids=np.array([f"generated-{i:02d}" for i in range(len(generated))]),
+    )
     timings["sample"] = round(time.perf_counter() - started, 2)
 
     started = time.perf_counter()
@@ -383,6 +390,10 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
             "store": str(store.path),
             "indexes": {m: str(p) for m, p in indexes.items()},
             "report": str(report),
+            "generated": str(generated_path),
+            "serve": serve_command_line(
+                indexes.values(), examples=[summary["heldout"], generated_path], audit="memory"
+            ),
             "results": {m: r.to_dict() for m, r in results.items()},
             "seconds": timings,
         }
