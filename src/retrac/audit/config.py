@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from retrac.errors import ConfigError
+from retrac.query.attribution import DEFAULT_TOP_K
 
 VERDICTS = ("copy", "near", "novel")
 DISTANCE_MEANING = (
@@ -29,7 +30,7 @@ class AuditConfig:
         report_images: audited images shown in the HTML page (flagged ones first); all are in the JSONL.
     """
 
-    k: int = 10
+    k: int = DEFAULT_TOP_K
     num_neighbours: int = 50
     copy_threshold: float = 1 / 6
     near_threshold: float = 0.5

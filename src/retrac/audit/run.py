@@ -13,7 +13,8 @@ from retrac.audit.writers import write_audit
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import ConfigError
 from retrac.query.attribution import Attributor, QueryEvents
-from retrac.sampling import generate_images
+from retrac.sampling import DEFAULT_SAMPLING_SEED, generate_images
+from retrac.task import DEFAULT_DEVICE
 
 
 def run_audit(
@@ -21,12 +22,12 @@ def run_audit(
     out: str | Path,
     images: ImageDataset | str | Path | None = None,
     generate: int | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SAMPLING_SEED,
     sampling_steps: int | None = None,
     data: str | Path | ImageDataset | None = None,
     config: AuditConfig | None = None,
     query_events=None,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     progress: bool = True,
 ) -> dict:
     """``retrac audit``: audit given or freshly generated images against an attribution index.
