@@ -13,7 +13,7 @@ Layout of a store ``STORE/``::
 Rows are split into shards of ``shard_rows`` samples. A shard is the unit of work: one writer
 computes it whole and writes each array's region of it, which is exactly one Zarr shard (``features``,
 inner chunks of at least about 1 MB) or one chunk (the small arrays), so two writers never share a
-file. Only then is the ledger entry written (temp file + ``os.replace``); a shard without an
+file. Only then is the ledger entry written (atomically, through ``retrac._io``); a shard without an
 entry may be torn and is rewritten whole by a resumed run.
 
 Root attributes: ``format`` (name, version), ``config`` (:class:`IndexConfig` less runtime
@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrac._io import atomic_write_text, record_differences
 from retrac.checkpoints import Checkpoint
 from retrac.errors import ConfigError, DataError, StoreDamagedError, StoreMismatchError
 from retrac.indexer.config import IndexConfig
@@ -93,29 +94,6 @@ def fingerprint_of(attrs: dict) -> str:
     """sha256 of the canonical JSON of :func:`comparable` ``(attrs)``."""
     text = json.dumps(comparable(attrs), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def differences(stored, given, where: str = "") -> list[str]:
-    """Human-readable differences between two attribute trees, one line per differing leaf."""
-    if isinstance(stored, dict) and isinstance(given, dict):
-        out = []
-        for key in sorted(set(stored) | set(given), key=str):
-            name = f"{where}.{key}" if where else str(key)
-            if key not in stored:
-                out.append(f"{name}: not in the store, given {given[key]!r}")
-            elif key not in given:
-                out.append(f"{name}: stored {stored[key]!r}, not given")
-            else:
-                out.extend(differences(stored[key], given[key], name))
-        return out
-    if isinstance(stored, list) and isinstance(given, list) and len(stored) == len(given):
-        out = []
-        for i, (a, b) in enumerate(zip(stored, given, strict=True)):
-            out.extend(differences(a, b, f"{where}[{i}]"))
-        return out
-    if stored != given:
-        return [f"{where}: stored {stored!r}, given {given!r}"]
-    return []
 
 
 @dataclass
@@ -212,7 +190,13 @@ class FeatureStore:
                 )
             cls._create(path, attrs, ids)
         store = cls.open(path)
-        diffs = differences(comparable(store.attrs), comparable(attrs))
+        diffs = record_differences(
+            comparable(store.attrs),
+            comparable(attrs),
+            expected_name="stored",
+            actual_name="given",
+            both_ways=True,
+        )
         if diffs:
             raise StoreMismatchError(
                 f"the store {str(path)!r} was written with other settings; differences (stored vs given):\n  "
@@ -423,11 +407,8 @@ class FeatureStore:
             self._write_region(group[name], start, stop, data)
         # the digest of the shard's data, recorded in its ledger entry and checked by read_shard
         entry = {"checkpoint": k, "shard": shard, "rows": [start, stop], "sha256": shard_digest(arrays)}
-        target = self._ledger_file(k, shard)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-        temp.write_text(json.dumps(entry, sort_keys=True))
-        os.replace(temp, target)  # the ledger entry appears only once the data is whole
+        # the ledger entry appears only once the data is whole
+        atomic_write_text(self._ledger_file(k, shard), json.dumps(entry, sort_keys=True))
 
     @staticmethod
     def _write_region(array, start: int, stop: int, data: np.ndarray) -> None:

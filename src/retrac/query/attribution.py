@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrac._io import read_json
+from retrac._io import atomic_save_npz, read_json
 from retrac.checkpoints import load_unet, state_dict_sha256
 from retrac.errors import ConfigError, DataError, StoreMismatchError
 from retrac.events import derive_seed, noise_from_seed
@@ -160,9 +160,9 @@ def build_attribution_index(
             inverse, lam = acc.preconditioner(method.kernel_c)
             inverses.append(inverse)
             lambdas.append(lam)
-        tmp = out / f".{KERNEL_FILENAME}.tmp.npz"
-        np.savez(tmp, preconditioners=np.stack(inverses), lambdas=np.asarray(lambdas))
-        tmp.replace(out / KERNEL_FILENAME)
+        atomic_save_npz(
+            out / KERNEL_FILENAME, preconditioners=np.stack(inverses), lambdas=np.asarray(lambdas)
+        )
         kernel_record = {"c": method.kernel_c, "lambdas": lambdas, "file": KERNEL_FILENAME}
     dim = store.dim * store.num_checkpoints
     built = build_index(
