@@ -327,8 +327,6 @@ def _add_query_event_options(p: argparse.ArgumentParser) -> None:
 
 
 def _query_events(args: argparse.Namespace):
-    from retrac.query.attribution import QueryEvents
-
     return QueryEvents.preset(args.events, args.seed)
 
 
