@@ -8,7 +8,9 @@ distinct image is reported by its first training row and its number of exact dup
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,10 +90,17 @@ class PixelIndex:
                     f"pixel index {str(directory)!r} was built from other training data ({'; '.join(diffs)}); "
                     "remove it or give the data it was built from."
                 )
-            index = faiss.read_index(str(directory / PIXEL_INDEX_FILE))
-            with np.load(directory / "rows.npz") as rows:
-                built = cls(train, rows["representatives"], rows["groups"], index)
-            if index.ntotal != manifest["num_distinct"] or index.d != expected["dim"]:
+            try:
+                index = faiss.read_index(str(directory / PIXEL_INDEX_FILE))
+                with np.load(directory / "rows.npz") as rows:
+                    built = cls(train, rows["representatives"], rows["groups"], index)
+            except Exception as exc:  # a truncated or corrupt cache file
+                raise DataError(
+                    f"pixel index cache {str(directory)!r} is damaged ({type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); remove the folder, "
+                    "the next audit rebuilds it."
+                ) from None
+            if index.ntotal != manifest.get("num_distinct") or index.d != expected["dim"]:
                 raise DataError(
                     f"{str(directory)!r}: FAISS file does not match its manifest; remove the folder."
                 )
@@ -160,3 +169,26 @@ class PixelIndex:
 def pixel_index_dir(index_dir: str | Path, train: ImageDataset) -> Path:
     """Where the pixel index of ``train`` is cached: beside the attribution index, named by its fingerprint."""
     return Path(index_dir).resolve().parent / f"pixel-index-{train.fingerprint[:16]}"
+
+
+def pixel_cache_home() -> Path:
+    """The cache folder used when the index's folder cannot be written: ``$RETRAC_CACHE``, else
+    ``$XDG_CACHE_HOME/retrac``, else ``~/.cache/retrac``."""
+    if os.environ.get("RETRAC_CACHE"):
+        return Path(os.environ["RETRAC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrac"
+
+
+def load_or_build_cached(index_dir: str | Path, train: ImageDataset) -> tuple[PixelIndex, Path]:
+    """:meth:`PixelIndex.load_or_build` beside the attribution index, or in :func:`pixel_cache_home`
+    when that folder cannot be written (a read-only index folder); returns the index and its folder."""
+    beside = pixel_index_dir(index_dir, train)
+    try:
+        return PixelIndex.load_or_build(beside, train), beside
+    except PermissionError:
+        pass
+    except OSError as error:
+        if error.errno != errno.EROFS:
+            raise
+    cached = pixel_cache_home() / beside.name
+    return PixelIndex.load_or_build(cached, train), cached

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from retrac.audit.config import AuditConfig
-from retrac.audit.pixel_index import PixelIndex, pixel_index_dir
+from retrac.audit.pixel_index import load_or_build_cached
 from retrac.audit.records import audit_images
 from retrac.audit.training import check_can_sample, load_training_data, self_influence
 from retrac.audit.writers import write_audit
@@ -62,7 +62,7 @@ def run_audit(
             f"n={config.num_neighbours} nearest neighbours asked for, but the training set has {len(train)} samples; "
             f"use n <= {len(train)}."
         )
-    pixel_index = PixelIndex.load_or_build(pixel_index_dir(dirs[0], train), train)
+    pixel_index, pixel_dir = load_or_build_cached(dirs[0], train)  # beside the index, else in the cache home
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = None
@@ -93,7 +93,7 @@ def run_audit(
         self_influences=self_influence(store),
     )
     result.summary["indexes"] = [str(Path(d).resolve()) for d in dirs]
-    result.summary["pixel_index"] = str(pixel_index_dir(dirs[0], train))
+    result.summary["pixel_index"] = str(pixel_dir)
     result.summary["audited"] = {
         "source": audited.source,
         "generated": generate,

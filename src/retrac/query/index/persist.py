@@ -149,7 +149,11 @@ def load_index(
             "the file was changed or torn. Build the index again."
         )
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    faiss_index = faiss.read_index(str(path), flags)
+    try:
+        faiss_index = faiss.read_index(str(path), flags)
+    except RuntimeError as error:  # FAISS refuses a corrupt file
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
+        raise DataError(f"{path} is corrupt ({reason[:200]}); build the index again.") from None
     build_params = dict(manifest.get("build_params") or {})
     max_norm = build_params.get("mips_max_norm")
     stored_dim = manifest.get("dim", -1) + (0 if max_norm is None else 1)
