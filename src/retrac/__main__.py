@@ -1,0 +1,7 @@
+"""``python -m retrac``: the ``retrac`` command."""
+
+import sys
+
+from retrac.cli import main
+
+sys.exit(main())

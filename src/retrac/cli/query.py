@@ -1,0 +1,94 @@
+"""``retrac query``: top-k training samples of query images."""
+
+from __future__ import annotations
+
+import argparse
+
+from retrac.cli.options import add_query_event_options, query_events
+from retrac.query.attribution import DEFAULT_TOP_K
+
+
+def add_query_command(sub) -> None:
+    p = sub.add_parser(
+        "query",
+        help="top-k training samples of query images from one or more indexes",
+        description="Score I(z, z') = sum_k w_k <u_k(z), q_k(z')>: positive = proponent (a step on z lowers the "
+        "loss on z'), negative = opponent.",
+    )
+    p.add_argument(
+        "--index",
+        required=True,
+        action="append",
+        help="an index folder (repeatable, one per method)",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        help="query images: an image file, a folder of images, .npy or .npz",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help="results per query (default: %(default)s)",
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        help="which loaded index to use (default: the only one, or all)",
+    )
+    p.add_argument(
+        "--opponents",
+        action="store_true",
+        help="the most negative scores instead of the most positive",
+    )
+    add_query_event_options(p)
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
+    p.set_defaults(func=_run_query)
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    import json
+
+    from retrac.data import load_dataset
+    from retrac.query.attribution import Attributor
+
+    images = load_dataset(args.images)
+    attributor = Attributor(
+        args.index,
+        query_events=query_events(args),
+        device=args.device,
+        progress=not args.json,
+    )
+    labels = images.labels if attributor.task.is_class_conditional else None
+    methods = [args.method] if args.method else attributor.methods
+    results = {
+        m: attributor.attribute(images.images, args.k, m, args.opponents, labels)
+        for m in methods
+    }
+    if args.json:
+        payload = {
+            m: {**r.to_dict(), "query_ids": images.ids} for m, r in results.items()
+        }
+        print(
+            json.dumps(
+                next(iter(payload.values()))
+                if len(payload) == 1
+                else {"results": payload}
+            )
+        )
+        return 0
+    kind = "opponents" if args.opponents else "proponents"
+    for method, result in results.items():
+        print(
+            f"{method}: top {args.k} {kind} (score = sum_k w_k <u_k, q_k>; positive = proponent)"
+        )
+        for q, query_id in enumerate(images.ids):
+            pairs = ", ".join(
+                f"{i} ({s:.4g})"
+                for i, s in zip(result.ids[q], result.scores[q], strict=True)
+            )
+            print(f"  {query_id}: {pairs}")
+    return 0

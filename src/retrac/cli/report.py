@@ -1,0 +1,139 @@
+"""``retrac report``: the timestep-induced bias page."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from retrac._io import atomic_write_text
+from retrac.bias import DEFAULT_FRACTION, DEFAULT_MIN_QUERIES
+from retrac.cli.options import add_query_event_options, query_events
+from retrac.query.attribution import DEFAULT_TOP_K
+from retrac.report.bias import DEFAULT_TITLE
+
+
+def add_report_command(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="HTML page of the timestep-induced bias: norm vs timestep, TracIn vs ReTrac counts, top-k grids",
+        description="Attribute query images against a store's indexes (e.g. one TracIn and one ReTrac index) and "
+        "write OUT/bias.html with PNG figures: per-sample gradient norm against timestep, the number of distinct "
+        f"and of generally influential training samples (in the top-k of at least max({DEFAULT_MIN_QUERIES}, "
+        "ceil(F * Q)) of the Q "
+        "queries) per method, planted outliers in the top-k lists, and every query's top-k grid; OUT/bias.json "
+        "holds the figures.",
+    )
+    p.add_argument(
+        "--index",
+        required=True,
+        action="append",
+        help="an index folder (repeatable, one per method)",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        help="query images: an image file, a folder of images, .npy or .npz",
+    )
+    p.add_argument(
+        "--store",
+        default=None,
+        help="the feature store (default: the one recorded in the index)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="the training images, for thumbnails (default: the store's recorded data path)",
+    )
+    p.add_argument(
+        "--out", default="retrac-report", help="output folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help="top-k proponents per query (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=DEFAULT_FRACTION,
+        metavar="F",
+        help=f"generally influential: in the top-k of at least max({DEFAULT_MIN_QUERIES}, ceil(F * Q)) queries "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--outliers",
+        default=None,
+        metavar="FILE",
+        help="planted outlier ids: planted.json, a JSON list or one id a line",
+    )
+    add_query_event_options(p)
+    p.add_argument(
+        "--title", default=DEFAULT_TITLE, help="page title (default: %(default)s)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from retrac.bias import load_outlier_ids, measure_bias
+    from retrac.data import load_dataset
+    from retrac.errors import DataError
+    from retrac.query.attribution import Attributor
+    from retrac.report.bias import write_bias_report
+
+    images = load_dataset(args.images)
+    attributor = Attributor(
+        args.index,
+        store=args.store,
+        query_events=query_events(args),
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    store = attributor.feature_store
+    data_path = args.data or store.attrs["dataset"].get("source")
+    if not data_path or not Path(data_path).exists():
+        raise DataError(
+            f"the store records no readable training data path ({data_path!r}); give the training images with --data."
+        )
+    train = load_dataset(data_path)
+    if train.fingerprint != store.attrs["dataset"].get("fingerprint"):
+        same_ids = (
+            "same ids but other pixels or labels"
+            if train.ids == store.ids
+            else "other ids"
+        )
+        raise DataError(
+            f"--data {data_path!r} does not hold the store's training samples ({same_ids}: fingerprint "
+            f"{train.fingerprint[:16]}..., the store's {str(store.attrs['dataset'].get('fingerprint'))[:16]}...); "
+            "give the data the store was featurized from."
+        )
+    outliers = load_outlier_ids(args.outliers) if args.outliers else []
+    labels = images.labels if attributor.task.is_class_conditional else None
+    measurement = measure_bias(
+        attributor,
+        images.images,
+        args.k,
+        outlier_ids=outliers,
+        fraction=args.fraction,
+        class_labels=labels,
+    )
+    out = Path(args.out)
+    queries = list(zip([str(i) for i in images.ids], images.images, strict=True))
+    page = write_bias_report(out, measurement, queries, train, title=args.title)
+    atomic_write_text(out / "bias.json", json.dumps(measurement.to_dict(), indent=2))
+    print(
+        f"norm-timestep Spearman (mean over checkpoints): {measurement.norm_timestep_spearman:.3f}"
+    )
+    for method, stats in measurement.topk.items():
+        outlier = (
+            f", outlier share {stats.outlier_share:.3f}" if stats.num_outliers else ""
+        )
+        print(
+            f"{method}: {stats.unique} distinct samples in {stats.num_queries} top-{stats.k} lists, "
+            f"{stats.general_influential} generally influential (>= {stats.threshold} queries){outlier}"
+        )
+    print(f"report: {page}")
+    return 0
