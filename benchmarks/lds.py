@@ -1,0 +1,511 @@
+"""Attribution quality on the demo, measured by the linear datamodeling score (LDS).
+
+Setup:
+
+* **Pool**: ``--pool`` (1,000) digits drawn (seeded) from the demo's training split; the model
+  attributed is the demo recipe (``retrac.demo.train_ddpm``: ``--epochs`` 40, batch 64, AdamW 2e-3,
+  4 checkpoints) trained on the whole pool.
+* **Subsets**: ``--subsets`` (64) random halves of the pool (``retrac.lds.LDSRun``, seed 0), each
+  retrained with the same recipe and the same seed (same initialisation and per-step draws; half
+  the optimizer steps). The first ``--min-subsets`` (32) are trained first, so every table exists
+  early; the rest are trained after the cheaper configurations and the tables recomputed.
+* **Test samples**: ``--heldout`` (50) digits of the demo's held-out split and ``--generated`` (50)
+  digits sampled from the pool model's last checkpoint (1,000 DDPM steps). Half of each kind
+  (seeded) is the **validation** split, on which every choice is made (the kernel's ``c``, the
+  pixel similarity, the events / dimension / checkpoint setting of each method's headline); every
+  reported LDS is on the other half, the **report** split, with a 95% bootstrap interval over its
+  test samples.
+* **Loss**: each test sample's mean loss (MSE to epsilon) over ``--loss-events`` 50 x 4 fixed
+  (timestep, noise) pairs, the same on every model. LDS = mean over test samples of the Spearman
+  correlation across subsets of the summed scores of the subset's members with **minus** the loss.
+* **Methods**: ``tracin``, ``retrac`` (no kernel), ``trak`` (tracin vectors + kernel, loss store),
+  ``dtrak`` (tracin vectors + kernel, ``sqnorm`` store), ``retrac+kernel``; ``c`` from ``--kernel-c``
+  (lambda_k = c * mean ||u_k||^2). Flat indexes: every training sample is scored. Factored projector,
+  query events 10 x 2.
+* **Configurations** (cheapest first): events ``stratified:S`` for ``S`` in ``--events`` (1, 4, 10,
+  32, 100) at ``--dim`` 512 with all checkpoints; ``--dims`` (128, 2048) at ``S = --dim-events`` (10);
+  the last checkpoint alone at ``S = --dim-events``.
+* **Baselines**: pixel similarity (``-L2`` distance or cosine, chosen on validation) and random scores.
+* **Counterfactual check**: for ``--counterfactual-queries`` (8) report-split test samples, remove
+  their top ``--counterfactual-k`` (20) proponents under the recommended method and under pixel
+  similarity (and 20 random samples), retrain on the rest of the pool, report the loss change.
+
+Every artifact is cached under ``--out`` (models, losses, stores, indexes, score matrices) and reused;
+kill and rerun the same command to resume. Prints one JSON line per stage, the Markdown table, and as
+the last line one JSON object with ``lds_default`` (the method with the best validation LDS at its
+validation-chosen setting), ``lds_pixel_nn``, ``lds_tracin``, ``lds_retrac``, ``lds_trak``,
+``lds_dtrak``, ``lds_retrac_kernel`` (each at its validation-chosen setting, report split, with
+``*_ci``), ``n_subsets``, ``n_test`` and the ratio ``lds_default / lds_pixel_nn``.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/lds.py --out lds-bench --threads 1
+    python benchmarks/lds.py --out /tmp/lds-quick --quick      # a smoke run: tiny pool, 4 subsets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrac._io import atomic_save_npy, atomic_write_json, atomic_write_text
+from retrac.checkpoints import load_scheduler, load_unet
+from retrac.data import ImageDataset, load_dataset
+from retrac.demo import DemoConfig, split_digits
+from retrac.events import derive_seed
+from retrac.indexer import IndexConfig, featurize_dataset
+from retrac.lds import DemoTrainer, LDSConfig, LDSRun, counterfactual_check, index_scores, lds_score
+from retrac.lds.metrics import pixel_scores, random_scores
+from retrac.query.attribution import QueryEvents, build_attribution_index
+from retrac.query.vectors import Method
+from retrac.sampling import generate_images
+
+FAMILIES = ("tracin", "retrac", "trak", "dtrak", "retrac+kernel")
+STARTED = time.perf_counter()
+
+
+def emit(record: dict) -> None:
+    print(json.dumps({**record, "elapsed_s": round(time.perf_counter() - STARTED, 1)}), flush=True)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One featurization setting: events per sample, projection dimension, checkpoints used."""
+
+    events: int
+    dim: int
+    checkpoints: str  # "all" or "last"
+
+    @property
+    def name(self) -> str:
+        return f"S{self.events}-d{self.dim}-{self.checkpoints}"
+
+
+def cached_npy(path: Path, compute) -> np.ndarray:
+    if path.is_file():
+        return np.load(path)
+    value = np.asarray(compute())
+    atomic_save_npy(path, value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def build_data(args, out: Path) -> tuple[ImageDataset, ImageDataset]:
+    """The pool and the held-out test digits (seeded; saved under ``out/data`` on the first run)."""
+    pool_path, heldout_path = out / "data" / "pool.npz", out / "data" / "heldout.npz"
+    if not pool_path.is_file():
+        train, heldout = split_digits(DemoConfig(seed=args.seed))
+        rng = np.random.default_rng(derive_seed("lds-bench-pool", args.seed))
+        pool = train.subset(np.sort(rng.choice(len(train), args.pool, replace=False)))
+        test = heldout.subset(np.sort(rng.choice(len(heldout), args.heldout, replace=False)))
+        pool_path.parent.mkdir(parents=True, exist_ok=True)
+        test.save_npz(heldout_path)
+        pool.save_npz(pool_path)
+    return load_dataset(pool_path), load_dataset(heldout_path)
+
+
+def generated_images(args, out: Path, last_checkpoint: Path) -> torch.Tensor:
+    images = cached_npy(
+        out / "data" / "generated.npy",
+        lambda: generate_images(
+            load_unet(last_checkpoint),
+            load_scheduler(last_checkpoint),
+            args.generated,
+            seed=args.seed,
+            num_inference_steps=args.sampling_steps,
+            progress=False,
+        ).numpy(),
+    )
+    return torch.from_numpy(images)
+
+
+def validation_split(num_heldout: int, num_generated: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test rows ``(validation, report)``: a seeded half of each kind (held-out first, then generated)."""
+    rng = np.random.default_rng(derive_seed("lds-bench-validation", seed))
+    validation, report = [], []
+    for offset, count in ((0, num_heldout), (num_heldout, num_generated)):
+        order = offset + rng.permutation(count)
+        validation.extend(order[: count // 2])
+        report.extend(order[count // 2 :])
+    return np.sort(validation), np.sort(report)
+
+
+# ------------------------------------------------------------------------------------------ scores
+
+
+def method_variants(kernel_cs: list[float]) -> dict[str, list[tuple[str, Method]]]:
+    """Index name and Method of every variant of each family on the loss store (dtrak: sqnorm store)."""
+    return {
+        "tracin": [("tracin", Method.named("tracin"))],
+        "retrac": [("retrac", Method.named("retrac"))],
+        "trak": [(f"trak-c{c:g}", Method(f"trak-c{c:g}", "tracin", c)) for c in kernel_cs],
+        "retrac+kernel": [
+            (f"retrac+kernel-c{c:g}", Method(f"retrac+kernel-c{c:g}", "retrac", c)) for c in kernel_cs
+        ],
+        "dtrak": [(f"dtrak-c{c:g}", Method("dtrak", "tracin", c)) for c in kernel_cs],
+    }
+
+
+def setting_scores(
+    args, out: Path, setting: Setting, checkpoints: list[str], pool: ImageDataset, images: torch.Tensor
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{family: {variant: (n_test, N) scores}}`` of one setting, cached in ``out/scores/SETTING``."""
+    folder = out / "scores" / setting.name
+    variants = method_variants(args.kernel_c)
+    wanted = [name for family in variants.values() for name, _ in family]
+    if not all((folder / f"{name}.npy").is_file() for name in wanted):
+        used = checkpoints if setting.checkpoints == "all" else checkpoints[-1:]
+        events = QueryEvents.preset(args.query_events, args.seed)
+        started = time.perf_counter()
+        for objective in ("loss", "sqnorm"):
+            names = (
+                [n for n, _ in variants["dtrak"]]
+                if objective == "sqnorm"
+                else [n for f in FAMILIES if f != "dtrak" for n, _ in variants[f]]
+            )
+            if all((folder / f"{name}.npy").is_file() for name in names):
+                continue
+            config = IndexConfig(
+                events=f"stratified:{setting.events}", dim=setting.dim, objective=objective, seed=args.seed
+            )
+            store = featurize_dataset(
+                used, pool, out / "stores" / f"{setting.name}-{objective}", config, progress=False
+            )
+            groups = (
+                [[v] for v in variants["dtrak"]]
+                if objective == "sqnorm"
+                else [[v for f in FAMILIES if f != "dtrak" for v in variants[f]]]
+            )  # dtrak variants share one name, so each needs its own Attributor
+            for group in groups:
+                if all((folder / f"{name}.npy").is_file() for name, _ in group):
+                    continue
+                directories = []
+                for name, method in group:
+                    directory = out / "indexes" / setting.name / name
+                    if not (directory / "manifest.json").is_file():
+                        build_attribution_index(store, directory, method, index="flat", progress=False)
+                    directories.append(directory)
+                scores = index_scores(directories, images, query_events=events)
+                for name, method in group:
+                    atomic_save_npy(folder / f"{name}.npy", scores[method.name])
+        emit({"stage": "scores", "setting": setting.name, "seconds": round(time.perf_counter() - started, 1)})
+    return {
+        family: {name: np.load(folder / f"{name}.npy") for name, _ in v} for family, v in variants.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------ LDS
+
+
+def subset_losses(run: LDSRun, images: torch.Tensor, count: int) -> np.ndarray:
+    """``(count, n_test)`` mean losses on the first ``count`` subset models (trained if missing)."""
+    started = time.perf_counter()
+    before = len(run.trained)
+    out = np.stack(
+        [
+            run.model_losses(name, rows, images).mean(axis=1)
+            for name, rows in zip(run.subset_names[:count], run.subsets[:count], strict=True)
+        ]
+    )
+    if len(run.trained) > before:
+        emit(
+            {
+                "stage": "subset models",
+                "count": count,
+                "trained_now": len(run.trained) - before,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    return out
+
+
+class Evaluator:
+    """LDS of score matrices on the validation and report splits against the first M subsets."""
+
+    def __init__(
+        self,
+        masks: np.ndarray,
+        losses: np.ndarray,
+        validation: np.ndarray,
+        report: np.ndarray,
+        kinds: dict,
+        bootstrap: int,
+    ) -> None:
+        self.masks, self.losses = masks, losses
+        self.validation, self.report, self.kinds = validation, report, kinds
+        self.bootstrap = bootstrap
+
+    def validation_lds(self, scores: np.ndarray) -> float:
+        return lds_score("v", scores, self.masks, self.losses, self.validation, num_resamples=10).lds
+
+    def report_record(self, name: str, scores: np.ndarray) -> dict:
+        result = lds_score(name, scores, self.masks, self.losses, self.report, num_resamples=self.bootstrap)
+        record = {
+            "lds": result.lds,
+            "ci": [result.ci_low, result.ci_high],
+            "validation_lds": self.validation_lds(scores),
+        }
+        for kind, rows in self.kinds.items():
+            rows = np.intersect1d(rows, self.report)
+            record[f"lds_{kind}"] = lds_score(
+                name, scores, self.masks, self.losses, rows, num_resamples=10
+            ).lds
+        return record
+
+    def best_variant(self, variants: dict[str, np.ndarray]) -> tuple[str, float]:
+        """The variant (kernel c) with the best validation LDS."""
+        values = {name: self.validation_lds(s) for name, s in variants.items()}
+        name = max(values, key=values.get)
+        return name, values[name]
+
+
+def evaluate(evaluator: Evaluator, all_scores: dict[str, dict], baselines: dict[str, np.ndarray]) -> dict:
+    """Per setting and family: the validation-chosen variant and its report LDS; the headlines."""
+    table: dict[str, dict] = {}
+    for setting, families in all_scores.items():
+        table[setting] = {}
+        for family, variants in families.items():
+            chosen, _ = evaluator.best_variant(variants)
+            table[setting][family] = {"variant": chosen, **evaluator.report_record(family, variants[chosen])}
+    headlines = {}
+    for family in FAMILIES:
+        setting = max(table, key=lambda s, f=family: table[s][f]["validation_lds"])
+        headlines[family] = {"setting": setting, **table[setting][family]}
+    pixel_kind, _ = evaluator.best_variant({k: v for k, v in baselines.items() if k.startswith("pixel")})
+    base = {
+        "pixel_nn": {"variant": pixel_kind, **evaluator.report_record("pixel", baselines[pixel_kind])},
+        "random": evaluator.report_record("random", baselines["random"]),
+    }
+    return {"table": table, "headlines": headlines, "baselines": base}
+
+
+def markdown(result: dict, n_subsets: int) -> str:
+    lines = [
+        f"LDS on the report split ({n_subsets} subsets; 95% bootstrap CI; kernel c chosen on validation)",
+        "",
+        "| setting | method | c | LDS | 95% CI | held-out | generated |",
+        "|---|---|---|---:|---|---:|---:|",
+    ]
+    for setting, families in result["table"].items():
+        for family, r in families.items():
+            c = r["variant"].rpartition("-c")[2] if "-c" in r["variant"] else ""
+            lines.append(
+                f"| {setting} | {family} | {c} | {r['lds']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "
+                f"{r['lds_heldout']:.3f} | {r['lds_generated']:.3f} |"
+            )
+    for name, r in result["baselines"].items():
+        label = f"{name} ({r['variant']})" if "variant" in r else name
+        lines.append(
+            f"| - | {label} | | {r['lds']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "
+            f"{r['lds_heldout']:.3f} | {r['lds_generated']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(result: dict, n_subsets: int, n_test: int, n_report: int) -> dict:
+    heads, base = result["headlines"], result["baselines"]
+    default = max(heads, key=lambda f: heads[f]["validation_lds"])
+    best = max(heads, key=lambda f: heads[f]["lds"])
+    record = {
+        "default_method": default,
+        "default_setting": heads[default]["setting"],
+        "lds_default": heads[default]["lds"],
+        "lds_default_ci": heads[default]["ci"],
+        "lds_pixel_nn": base["pixel_nn"]["lds"],
+        "lds_pixel_nn_ci": base["pixel_nn"]["ci"],
+        "pixel_nn_similarity": base["pixel_nn"]["variant"],
+        "lds_random": base["random"]["lds"],
+    }
+    for family in FAMILIES:
+        key = "lds_" + family.replace("+", "_")
+        record[key] = heads[family]["lds"]
+        record[key + "_ci"] = heads[family]["ci"]
+        record[key + "_setting"] = f"{heads[family]['setting']} {heads[family]['variant']}"
+    record["best_on_report"] = best
+    record["default_within_ci_of_best"] = heads[best]["lds"] <= heads[default]["ci"][1]
+    record["ratio_default_to_pixel_nn"] = (
+        record["lds_default"] / record["lds_pixel_nn"] if record["lds_pixel_nn"] > 0 else None
+    )
+    record.update(
+        {"n_subsets": n_subsets, "n_test": n_test, "n_report": n_report, "n_validation": n_test - n_report}
+    )
+    return record
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="lds-bench", help="artifact folder, reused (default: %(default)s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 60-sample pool, 4 subsets, tiny settings"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--pool", type=int, default=1000, help="training pool size (default: %(default)s)")
+    parser.add_argument(
+        "--subsets", type=int, default=64, help="random half subsets in all (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--min-subsets", type=int, default=32, help="subsets trained first (default: %(default)s)"
+    )
+    parser.add_argument("--heldout", type=int, default=50, help="held-out test digits (default: %(default)s)")
+    parser.add_argument(
+        "--generated", type=int, default=50, help="generated test digits (default: %(default)s)"
+    )
+    parser.add_argument("--epochs", type=int, default=40, help="demo recipe epochs (default: %(default)s)")
+    parser.add_argument("--sampling-steps", type=int, default=1000, help="DDPM steps of the generated digits")
+    parser.add_argument(
+        "--events", default="1,4,10,32,100", help="events per sample S (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dim", type=int, default=512, help="projection dim of the S sweep (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dims", default="128,2048", help="other dims, at --dim-events (default: %(default)s)"
+    )
+    parser.add_argument("--dim-events", type=int, default=10, help="S of the dim and checkpoint sweeps")
+    parser.add_argument(
+        "--kernel-c", default="0.001,0.01,0.1,1", help="kernel c candidates (default: %(default)s)"
+    )
+    parser.add_argument("--query-events", default="default", choices=["default", "fast", "paper"])
+    parser.add_argument("--loss-events", default="50x4", help="loss events TxM (default: %(default)s)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--counterfactual-k", type=int, default=20, help="proponents removed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--counterfactual-queries", type=int, default=8, help="(default: %(default)s); 0 = skip"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    args = parser.parse_args()
+    if args.quick:
+        args.pool, args.subsets, args.min_subsets, args.heldout, args.generated = 60, 4, 3, 4, 4
+        args.epochs, args.sampling_steps, args.events, args.dims = 2, 20, "1,2", "32"
+        args.dim, args.dim_events, args.loss_events, args.bootstrap = 64, 1, "4x1", 100
+        args.counterfactual_k, args.counterfactual_queries, args.kernel_c = 3, 2, "0.1,1"
+    torch.set_num_threads(args.threads)
+    args.kernel_c = [float(c) for c in args.kernel_c.split(",")]
+    events = [int(s) for s in args.events.split(",")]
+    dims = [int(d) for d in args.dims.split(",") if d]
+    loss_t, _, loss_m = args.loss_events.partition("x")
+    out = Path(args.out)
+
+    pool, heldout = build_data(args, out)
+    recipe = DemoConfig(seed=args.seed, epochs=args.epochs, num_checkpoints=4 if not args.quick else 2)
+    config = LDSConfig(args.subsets, 0.5, args.seed, int(loss_t), int(loss_m))
+    run = LDSRun(out / "run", pool, DemoTrainer(pool, recipe), config, progress=False)
+    started = time.perf_counter()
+    last = run.model("full", np.arange(len(pool)))
+    checkpoints = sorted((last.parent).glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
+    checkpoints = [str(p) for p in checkpoints]
+    images = torch.cat([heldout.images, generated_images(args, out, last)])
+    n_test = len(images)
+    validation, report = validation_split(len(heldout), args.generated, args.seed)
+    kinds = {"heldout": np.arange(len(heldout)), "generated": np.arange(len(heldout), n_test)}
+    emit(
+        {
+            "stage": "setup",
+            "pool": len(pool),
+            "checkpoints": len(checkpoints),
+            "n_test": n_test,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+
+    baselines = {
+        "pixel (-L2)": pixel_scores(images, pool.images, "neg_l2"),
+        "pixel (cosine)": pixel_scores(images, pool.images, "cosine"),
+        "random": random_scores(n_test, len(pool), args.seed),
+    }
+    settings = [Setting(s, args.dim, "all") for s in events if s <= args.dim_events]
+    settings += [Setting(args.dim_events, d, "all") for d in dims if d < args.dim]
+    settings += [Setting(args.dim_events, args.dim, "last")]
+    settings += [Setting(s, args.dim, "all") for s in events if args.dim_events < s <= 32]
+    settings += [Setting(args.dim_events, d, "all") for d in dims if d > args.dim]
+    late = [Setting(s, args.dim, "all") for s in events if s > 32]
+
+    all_scores: dict[str, dict] = {}
+    result = None
+
+    def report_now(count: int) -> dict:
+        losses = subset_losses(run, images, count)
+        evaluator = Evaluator(run.masks()[:count], losses, validation, report, kinds, args.bootstrap)
+        result = evaluate(evaluator, all_scores, baselines)
+        record = summary(result, count, n_test, len(report))
+        atomic_write_json(out / "results.json", {"summary": record, **result})
+        atomic_write_text(out / "table.md", markdown(result, count) + "\n")
+        emit({"stage": "lds", "settings": list(all_scores), **record})
+        return result
+
+    count = min(args.min_subsets, args.subsets)
+    for i, setting in enumerate(settings + late):
+        if setting in late and count < args.subsets:
+            count = args.subsets  # every subset before the most expensive settings
+        all_scores[setting.name] = setting_scores(args, out, setting, checkpoints, pool, images)
+        if i == len(settings) - 1:
+            count = args.subsets
+        result = report_now(count)
+
+    if args.counterfactual_queries:
+        record = summary(result, count, n_test, len(report))
+        heads = result["headlines"]
+        method = record["default_method"]
+        variant = heads[method]["variant"]
+        scores = all_scores[heads[method]["setting"]][method][variant]
+        half = args.counterfactual_queries // 2  # held-out and generated test samples alike
+        rows = np.concatenate(
+            [
+                np.intersect1d(report, kinds["heldout"])[: args.counterfactual_queries - half],
+                np.intersect1d(report, kinds["generated"])[:half],
+            ]
+        )
+        started = time.perf_counter()
+        checks = {}
+        for name, matrix in (
+            (method, scores),
+            ("pixel_nn", baselines[result["baselines"]["pixel_nn"]["variant"]]),
+        ):
+            checks[name] = counterfactual_check(
+                run, matrix[rows], images[rows], args.counterfactual_k, name
+            ).to_dict()
+        emit(
+            {
+                "stage": "counterfactual",
+                "k": args.counterfactual_k,
+                "rows": rows.tolist(),
+                "seconds": round(time.perf_counter() - started, 1),
+                **{
+                    f"{n}_{key}": c[key]
+                    for n, c in checks.items()
+                    for key in ("mean_delta_top", "mean_delta_random", "share_top_above_random")
+                },
+            }
+        )
+        saved = json.loads((out / "results.json").read_text())
+        saved["counterfactual"] = checks
+        atomic_write_json(out / "results.json", saved)
+
+    print(markdown(result, count), flush=True)
+    final = summary(result, count, n_test, len(report))
+    if args.counterfactual_queries:
+        for name, check in checks.items():
+            final[f"counterfactual_{name.replace('+', '_')}"] = {
+                k: check[k]
+                for k in ("k", "n_test", "mean_delta_top", "mean_delta_random", "share_top_above_random")
+            }
+    print(json.dumps(final), flush=True)
+
+
+if __name__ == "__main__":
+    main()
