@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from by_hand import scores_by_hand
 from conftest import make_scheduler, make_tiny_unet
 from retrac.audit import (
     AuditConfig,
@@ -26,7 +27,7 @@ from retrac.cli import main
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import CheckpointError, ConfigError, DataError, StoreMismatchError
 from retrac.indexer import FeatureStore, IndexConfig, featurize_dataset
-from retrac.query.attribution import QueryEvents, build_attribution_index
+from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
 from retrac.task import DiffusionTask
 
 N_DISTINCT, N_NEIGHBOURS = 20, 5
@@ -89,6 +90,13 @@ def _by_hand(train: ImageDataset, queries: torch.Tensor, n: int, config: AuditCo
     return nearest, order, relative, labels
 
 
+def _first_equal_rows(train: ImageDataset) -> np.ndarray:
+    """Per training row, the first row holding exactly the same pixels (numpy, not retrac's grouping)."""
+    flat = train.images.reshape(len(train), -1).numpy()
+    _, first, inverse = np.unique(flat, axis=0, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)]
+
+
 def test_pixel_audit_equals_numpy():
     train = _training_set()
     queries, names = _queries(train)
@@ -113,7 +121,17 @@ def test_pixel_audit_equals_numpy():
         np.testing.assert_allclose([n["distance"] for n in record["nearest"]], row_distances[:3], rtol=1e-9)
     # the cases the data were made for
     assert labels[:4] == ["copy"] * 4 and labels[4:] == ["novel"] * 2
-    assert result.records[0]["nn_distance"] == 0.0 and result.records[0]["relative_distance"] == 0.0
+    for exact in result.records[:2]:  # planted exact copies: r = 0 and verdict copy
+        assert (
+            exact["nn_distance"] == 0.0 and exact["relative_distance"] == 0.0 and exact["verdict"] == "copy"
+        )
+    assert result.records[0]["nearest_row"] == DUPLICATED_ROW and result.records[1]["nearest_row"] == 7
+    for far in result.records[4:]:  # unrelated images: r above the near threshold
+        assert far["relative_distance"] > config.near_threshold and far["verdict"] == "novel"
+    first = _first_equal_rows(train)
+    for record in result.records:
+        for shown in record["nearest"]:
+            assert shown["duplicates"] == int((first == first[shown["row"]]).sum())
     assert (
         result.records[0]["nearest_duplicates"] == DUPLICATES and result.records[1]["nearest_duplicates"] == 1
     )
@@ -230,30 +248,41 @@ def test_run_audit_outputs(indexed, tmp_path):
     train = load_dataset(indexed["data"])
     queries = load_dataset(indexed["queries"])
     _, _, relative, labels = _by_hand(train, queries.images, N_NEIGHBOURS, config)
+    first = _first_equal_rows(train)
+    attributor = Attributor(indexed["indexes"], query_events=QUERY_EVENTS, progress=False)
+    query_features = attributor.query_features(queries.images)
+    scores = {m: scores_by_hand(indexed["store"], query_features, m) for m in ("retrac", "tracin")}
     for record, r, label in zip(records, relative, labels, strict=True):
         assert set(record) == RECORD_KEYS
         assert record["verdict"] == label and record["relative_distance"] == pytest.approx(
             r, rel=1e-9, abs=1e-12
         )
         assert set(record["proponents"]) == {"retrac", "tracin"}
-        for p in record["proponents"].values():
+        for method, p in record["proponents"].items():
             assert len(p["rows"]) == len(p["ids"]) == len(p["scores"]) == 4
-            assert p["scores"] == sorted(p["scores"], reverse=True)
-            groups = PixelIndex.build(train).groups
-            same = [groups[row] == groups[record["nearest_row"]] for row in p["rows"]]
+            assert p["ids"] == [train.ids[row] for row in p["rows"]]
+            # the top 4 of the scores written out from the stored features and the query gradients
+            expected = scores[method][record["image"]]
+            assert set(p["rows"]) == set(np.argsort(-expected)[:4].tolist())
+            np.testing.assert_allclose(p["scores"], np.sort(expected)[::-1][:4], rtol=1e-4, atol=1e-7)
+            same = [first[row] == first[record["nearest_row"]] for row in p["rows"]]
             assert p["nn_rank"] == (same.index(True) + 1 if any(same) else None)
         assert {n["id"] for n in record["nearest"]} <= set(train.ids)
     assert [r["id"] for r in records] == queries.ids
     saved = json.loads((out / "summary.json").read_text())
     assert saved["verdict_counts"] == summary["verdict_counts"] == {"copy": 4, "near": 0, "novel": 2}
     assert saved["training_data"]["fingerprint"] == train.fingerprint
-    assert saved["hot_spots"][0]["outputs"] >= saved["hot_spots"][-1]["outputs"]
-    counted = sum(h["as_nearest"] for h in saved["hot_spots"])
-    assert counted == 6  # every output has one nearest image, and they are all listed (<= num_hot_spots)
+    assert saved["hot_spots"] == hot_spots_by_hand(records, first, train.ids, ["retrac", "tracin"])
+    assert sum(h["as_nearest"] for h in saved["hot_spots"]) == 6  # one nearest image per output
     ranking = [json.loads(line) for line in (out / "self_influence.jsonl").read_text().splitlines()]
     assert sorted(r["row"] for r in ranking) == list(range(len(train)))
     values = [r["self_influence"] for r in ranking]
     assert values == sorted(values, reverse=True)
+    store = indexed["store"]  # stratified:1: SI(z) = sum_k w_k ||phi_k(z, e)||^2
+    expected = sum(
+        w * (store.features(k)[:, 0].astype(np.float64) ** 2).sum(1) for k, w in enumerate(store.weights)
+    )
+    np.testing.assert_allclose([expected[r["row"]] for r in ranking], values, rtol=1e-5)
     assert (pixel_index_dir(indexed["indexes"][0], train) / "manifest.json").is_file()
     # the report renders: flagged images first, every referenced PNG exists
     page = (out / "index.html").read_text()
@@ -263,6 +292,35 @@ def test_run_audit_outputs(indexed, tmp_path):
     verdict_of = {str(r["image"]): r["verdict"] for r in records}
     order = [verdict_of[i] for i in audited]
     assert order == sorted(order, key=["copy", "near", "novel"].index)
+
+
+def hot_spots_by_hand(
+    records: list[dict], first: np.ndarray, ids: list[str], methods: list[str]
+) -> list[dict]:
+    """Per distinct training image (named by its first row): the outputs that have it as nearest image
+    or as some method's top-1 proponent, most first (ties by row)."""
+    outputs, nearest, top1 = {}, {}, {m: {} for m in methods}
+    for record in records:
+        near = int(first[record["nearest_row"]])
+        hit = {near}
+        nearest[near] = nearest.get(near, 0) + 1
+        for m in methods:
+            g = int(first[record["proponents"][m]["rows"][0]])
+            top1[m][g] = top1[m].get(g, 0) + 1
+            hit.add(g)
+        for g in hit:
+            outputs[g] = outputs.get(g, 0) + 1
+    return [
+        {
+            "row": g,
+            "id": ids[g],
+            "duplicates": int((first == g).sum()),
+            "outputs": outputs[g],
+            "as_nearest": nearest.get(g, 0),
+            "as_top1": {m: top1[m].get(g, 0) for m in methods},
+        }
+        for g in sorted(outputs, key=lambda g: (-outputs[g], g))
+    ]
 
 
 def test_fingerprint_mismatch_named(indexed, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from by_hand import scores_by_hand
 from conftest import make_scheduler, make_tiny_unet
 from retrac.bias import (
     general_threshold,
@@ -63,6 +64,58 @@ def test_topk_counts_default_threshold_and_no_outliers():
 
 def test_topk_frequency_counts_a_sample_once_per_list_and_skips_missing():
     assert topk_frequency(np.array([[1, 1, 2], [2, -1, -1]]), 4).tolist() == [0, 1, 2, 0]
+
+
+def test_topk_bias_equals_a_plain_count_on_random_lists():
+    """Every statistic of ``topk_bias`` against sets and loops over a random top-k matrix with gaps."""
+    rng = np.random.default_rng(3)
+    q, k, n = 9, 4, 15
+    indices = np.stack([rng.choice(n, size=k, replace=False) for _ in range(q)])
+    indices[rng.random((q, k)) < 0.15] = -1  # FAISS's "no result"
+    outliers = {2, 11, 14}
+    query_is_outlier = [i in (0, 5) for i in range(q)]
+    stats = topk_bias(indices, n, sorted(outliers), query_is_outlier, fraction=0.3, min_queries=2)
+
+    lists = [{int(z) for z in row if z >= 0} for row in indices]
+    frequency = [sum(z in found for found in lists) for z in range(n)]
+    threshold = max(2, int(np.ceil(0.3 * q)))  # ceil(2.7) = 3
+    general = sorted((z for z in range(n) if frequency[z] >= threshold), key=lambda z: (-frequency[z], z))
+    ordinary = [row for row, flag in zip(indices, query_is_outlier, strict=True) if not flag]
+    slots = [int(z) for row in ordinary for z in row if z >= 0]
+    assert stats.frequency.tolist() == frequency
+    assert stats.unique == sum(f > 0 for f in frequency)
+    assert stats.threshold == threshold and stats.general_rows == general
+    assert stats.general_influential == len(general) and general  # the draw has some
+    assert stats.max_frequency_share == pytest.approx(max(frequency) / q)
+    assert stats.num_outliers == 3 and stats.outlier_base_rate == pytest.approx(3 / n)
+    assert stats.outlier_share == pytest.approx(sum(z in outliers for z in slots) / len(slots))
+    hit = [any(int(z) in outliers for z in row) for row in ordinary]
+    assert stats.outlier_query_share == pytest.approx(sum(hit) / len(ordinary))
+    assert stats.general_outliers == len(outliers & set(general))
+    assert 0 < stats.outlier_share < 1 and 0 < stats.outlier_query_share < 1  # not a trivial case
+
+
+def test_norm_profile_equals_numpy_on_random_events():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(4)
+    T, bins = 60, 4
+    timesteps = rng.integers(0, T, size=(12, 3))
+    norms = 1 + timesteps / T + 0.3 * rng.random((12, 3))
+    valid = rng.random((12, 3)) < 0.8
+    profile = norm_timestep_profile(norms, timesteps, T, valid, num_bins=bins)
+    n, t = norms[valid], timesteps[valid]
+    assert profile.num_events == valid.sum()
+    assert profile.bin_edges.tolist() == [0, 15, 30, 45, 60]
+    for b in range(bins):
+        inside = n[(t >= 15 * b) & (t < 15 * (b + 1))]
+        assert profile.count[b] == inside.size > 0
+        assert profile.mean[b] == pytest.approx(inside.mean())
+        assert profile.std[b] == pytest.approx(inside.std())
+        assert profile.q10[b] == pytest.approx(np.percentile(inside, 10))
+        assert profile.q90[b] == pytest.approx(np.percentile(inside, 90))
+    assert profile.spearman == pytest.approx(spearmanr(n, t).statistic)
+    assert profile.max_over_min == pytest.approx(profile.mean.max() / profile.mean.min())
 
 
 @pytest.mark.parametrize(
@@ -185,11 +238,13 @@ def tiny(tmp_path_factory):
     return {"root": root, "store": store, "indexes": indexes, "queries": queries, "attributor": attributor}
 
 
-def test_score_matrix_agrees_with_the_index(tiny):
+def test_score_matrix_agrees_with_the_formula_and_the_index(tiny):
     attributor, queries = tiny["attributor"], tiny["queries"]
     for method in ("tracin", "retrac"):
         scores = score_matrix(attributor, queries, method)
         assert scores.shape == (3, N)
+        expected = scores_by_hand(tiny["store"], attributor.query_features(queries), method)
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
         result = attributor.attribute(queries, 4, method)
         np.testing.assert_allclose(
             np.sort(scores, axis=1)[:, ::-1][:, :4], result.scores, rtol=1e-4, atol=1e-6
@@ -203,10 +258,15 @@ def test_measure_bias_and_report_render(tiny):
     )
     assert set(measurement.topk) == {"tracin", "retrac"}
     assert measurement.outlier_ids == ["outlier-000", "outlier-001"]
-    for stats in measurement.topk.values():
-        assert stats.num_queries == 3 and stats.k == 3 and 3 <= stats.unique <= 9 and stats.num_outliers == 2
-    assert len(measurement.profiles) == 2 and all(p.num_events == 2 * N for p in measurement.profiles)
-    assert json.dumps(measurement.to_dict())
+    check_measurement_by_hand(tiny, measurement, k=3, outlier_rows={N - 2, N - 1})
+    record = json.loads(json.dumps(measurement.to_dict()))
+    assert record["num_outliers"] == 2
+    for method, stats in measurement.topk.items():
+        assert record["topk"][method]["unique"] == stats.unique
+        assert record["topk"][method]["general_rows"] == stats.general_rows
+        value = measurement.influence_norm_spearman[method]
+        assert record["influence_norm_spearman"][method] == pytest.approx(value, abs=1e-6)
+    assert record["norm_timestep_spearman"] == pytest.approx(measurement.norm_timestep_spearman, abs=1e-6)
 
     train = load_dataset(root / "train.npz")
     captions = [f"query {i}" for i in range(3)]
@@ -222,6 +282,54 @@ def test_measure_bias_and_report_render(tiny):
     assert len(sources) >= 2 + 3 + 2 * 3 * 3  # figures, queries, top-3 of 3 queries under 2 methods
     for source in sources:
         assert (page.parent / source).is_file(), source
+
+
+def check_measurement_by_hand(tiny, measurement, k: int, outlier_rows: set[int]) -> None:
+    """Every figure of ``measure_bias`` recomputed in numpy / scipy from the store and the query gradients."""
+    from scipy.stats import spearmanr
+
+    store, attributor, queries = tiny["store"], tiny["attributor"], tiny["queries"]
+    T = store.attrs["task"]["num_train_timesteps"]
+    # per-sample means over checkpoints and valid events
+    valid = np.stack([store.valid(c) for c in range(store.num_checkpoints)])
+    norms = np.stack([store.norms(c) for c in range(store.num_checkpoints)]).astype(np.float64)
+    timesteps = np.stack([store.timesteps(c) for c in range(store.num_checkpoints)]).astype(np.float64)
+    mean_norm = (norms * valid).sum(axis=(0, 2)) / valid.sum(axis=(0, 2))
+    mean_t = (timesteps * valid).sum(axis=(0, 2)) / valid.sum(axis=(0, 2))
+    per_checkpoint = []
+    for c, profile in enumerate(measurement.profiles):
+        n, t = norms[c][valid[c]], timesteps[c][valid[c]]
+        assert profile.num_events == valid[c].sum() == 2 * N
+        assert profile.spearman == pytest.approx(spearmanr(n, t).statistic)
+        edges = profile.bin_edges
+        assert edges[0] == 0 and edges[-1] == T
+        assert profile.count.tolist() == [
+            int(((t >= a) & (t < b)).sum()) for a, b in zip(edges[:-1], edges[1:], strict=True)
+        ]
+        per_checkpoint.append(spearmanr(n, t).statistic)
+    assert measurement.norm_timestep_spearman == pytest.approx(np.mean(per_checkpoint))
+    for method, stats in measurement.topk.items():
+        scores = scores_by_hand(store, attributor.query_features(queries), method)
+        top = np.argsort(-scores, axis=1)[:, :k]
+        assert [set(row) for row in measurement.results[method].indices.tolist()] == [
+            set(row) for row in top.tolist()
+        ]
+        frequency = np.zeros(N, dtype=int)
+        for row in top:
+            frequency[row] += 1
+        assert stats.frequency.tolist() == frequency.tolist()
+        assert stats.unique == int((frequency > 0).sum())
+        assert stats.general_rows == sorted(
+            np.flatnonzero(frequency >= 2).tolist(), key=lambda z: (-frequency[z], z)
+        )
+        assert stats.outlier_share == pytest.approx(np.isin(top, list(outlier_rows)).mean())
+        influence = scores.mean(axis=0)
+        assert measurement.influence_norm_spearman[method] == pytest.approx(
+            spearmanr(influence, mean_norm).statistic
+        )
+        assert measurement.influence_timestep_spearman[method] == pytest.approx(
+            spearmanr(influence, mean_t).statistic
+        )
 
 
 def test_report_cli(tiny, capsys):

@@ -40,12 +40,26 @@ def test_exact_features_equal_autograd_one_sample_at_a_time(images, objective):
             torch.testing.assert_close(norms[b, s], reference.norm(), rtol=1e-5, atol=1e-7)
 
 
+def direct_gradient(model, scheduler, names, image, t: int, noise, label: int) -> torch.Tensor:
+    """The class-conditional reference without retrac: ``x_t`` and the v target by hand, the UNet called
+    directly with ``class_labels``, the mean squared error, plain autograd over ``names`` (model order)."""
+    alpha_bar = scheduler.alphas_cumprod[t]
+    x_t = alpha_bar.sqrt() * image + (1 - alpha_bar).sqrt() * noise
+    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * image
+    out = model(x_t[None], torch.tensor([t]), class_labels=torch.tensor([label])).sample[0]
+    params = [p for name, p in model.named_parameters() if name in names]
+    grads = torch.autograd.grad(((out - v) ** 2).mean(), params)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
 def test_class_conditional_v_prediction_and_parameter_subset(images):
     task = DiffusionTask(
         make_tiny_unet(num_class_embeds=3),
         make_scheduler("v_prediction"),
         include=["down_blocks.*", "class_embedding.*"],
     )
+    names = set(task.parameter_names)
+    assert "class_embedding.weight" in names
     labels = torch.tensor([0, 2, 1])
     timesteps, noise = events(3, 2, seed=3)
     features, _ = projected_gradients(
@@ -53,8 +67,13 @@ def test_class_conditional_v_prediction_and_parameter_subset(images):
     )
     assert features.shape[-1] == task.num_parameters < sum(p.numel() for p in task.model.parameters())
     for b in range(3):
-        reference = autograd_gradient(task, images[b], int(timesteps[b, 1]), noise[b, 1], int(labels[b]))
-        torch.testing.assert_close(features[b, 1], reference, rtol=1e-4, atol=1e-6)
+        for s in range(2):
+            args = (task.model, task.scheduler, names, images[b], int(timesteps[b, s]), noise[b, s])
+            reference = direct_gradient(*args, int(labels[b]))
+            torch.testing.assert_close(features[b, s], reference, rtol=1e-4, atol=1e-6)
+            # another label gives another gradient: the comparison above can see a wrong label
+            other = direct_gradient(*args, (int(labels[b]) + 1) % 3)
+            assert (features[b, s] - other).norm() > 1e-2 * reference.norm()
 
 
 def test_chunking_and_batch_composition_do_not_change_results(tiny_unet, scheduler, images):
@@ -67,9 +86,11 @@ def test_chunking_and_batch_composition_do_not_change_results(tiny_unet, schedul
         projected_gradients(task, projector, images[i : i + 3], timesteps[i : i + 3], noise[i : i + 3])
         for i in (0, 3)
     ]
-    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+    # float32 sums in another order: entries near zero differ by a few 1e-6 of the largest entry
+    atol = 1e-5 * float(whole.abs().max())
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=atol)
     torch.testing.assert_close(chunked_norms, whole_norms)
-    torch.testing.assert_close(torch.cat([h[0] for h in halves]), whole, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([h[0] for h in halves]), whole, rtol=1e-4, atol=atol)
 
 
 def test_invalid_slots_are_skipped_and_zero(tiny_unet, scheduler, images):

@@ -27,6 +27,7 @@ N = 10
 
 
 SMALL = {"events": "stratified:2", "projector": "dense", "dim": 32, "shard_rows": 4, "batch_size": 3}
+PROJECTORS = ("dense", "factored")  # resume, split and batch-size relations hold for both
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,24 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(workspace, tmp_path_factory):
-    """One uninterrupted dense run: the store the split and resumed runs must equal bit for bit."""
-    return run(workspace, tmp_path_factory.mktemp("reference") / "store")
+def references(workspace, tmp_path_factory):
+    """``references(projector)``: one uninterrupted run per projector, built on first use: the store
+    the split and resumed runs must equal bit for bit."""
+    built = {}
+
+    def reference_for(projector: str) -> FeatureStore:
+        if projector not in built:
+            out = tmp_path_factory.mktemp(f"reference-{projector}") / "store"
+            built[projector] = run(workspace, out, projector=projector)
+            assert built[projector].attrs["projectors"][0]["kind"] == projector
+        return built[projector]
+
+    return reference_for
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references("dense")
 
 
 def test_store_layout_and_attributes(reference, workspace):
@@ -142,8 +158,12 @@ def test_query_side_projector_reproduces_stored_features(reference, workspace):
         store.projector(0, narrower)
 
 
-def test_batch_size_does_not_change_results(reference, workspace, tmp_path):
-    other = run(workspace, tmp_path / "batch", workspace["checkpoints"][:1], batch_size=4)
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_batch_size_does_not_change_results(references, workspace, tmp_path, projector):
+    reference = references(projector)
+    other = run(
+        workspace, tmp_path / "batch", workspace["checkpoints"][:1], projector=projector, batch_size=4
+    )
     for k in range(1):
         np.testing.assert_allclose(other.features(k), reference.features(k), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(other.norms(k), reference.norms(k), rtol=1e-5)
@@ -157,21 +177,23 @@ def test_float16_store_is_close_to_float32(reference, workspace, tmp_path):
     np.testing.assert_array_equal(half.norms(0), reference.norms(0))
 
 
-def test_two_shard_processes_equal_one(reference, workspace, tmp_path):
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_two_shard_processes_equal_one(references, workspace, tmp_path, projector):
+    reference = references(projector)
     out = tmp_path / "split"
-    first = run(workspace, out, shard="0/2")
+    first = run(workspace, out, projector=projector, shard="0/2")
     assert not first.is_complete
     assert first.missing() == [(0, 1), (1, 1)]  # 3 shards: this process owns 0 and 2
     with pytest.raises(DataError, match="incomplete"):
         first.require_complete()
-    second = run(workspace, out, shard=(1, 2))
+    second = run(workspace, out, projector=projector, shard=(1, 2))
     assert second.is_complete
     assert tree_bytes(out) == tree_bytes(reference.path)
 
 
 KILLED_RUN = """
 import os, sys
-from retrac.indexer.store import FeatureStore
+from retrac.indexer import FeatureStore
 writes = {{"n": 0}}
 original = FeatureStore._write_region
 def dying_write(array, start, stop, data):
@@ -185,7 +207,7 @@ sys.exit(main({argv!r}))
 """
 
 
-def cli_args(ws, out, *extra):
+def cli_args(ws, out, *extra, projector="dense"):
     args = ["index", "--data", str(ws["npz"]), "--out", str(out), "--no-progress"]
     for checkpoint in ws["checkpoints"]:
         args += ["--checkpoint", f"{checkpoint.path}={checkpoint.weight}"]
@@ -193,7 +215,7 @@ def cli_args(ws, out, *extra):
         "--events",
         "stratified:2",
         "--projector",
-        "dense",
+        projector,
         "--dim",
         "32",
         "--shard-rows",
@@ -204,9 +226,11 @@ def cli_args(ws, out, *extra):
     ]
 
 
-def test_killed_run_resumes_to_a_bit_identical_store(reference, workspace, tmp_path):
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_killed_run_resumes_to_a_bit_identical_store(references, workspace, tmp_path, projector):
+    reference = references(projector)
     out = tmp_path / "killed"
-    argv = cli_args(workspace, out)
+    argv = cli_args(workspace, out, projector=projector)
     script = textwrap.dedent(KILLED_RUN.format(limit=6, argv=argv))  # 4 writes per shard: dies in shard 2
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(
@@ -222,9 +246,11 @@ def test_killed_run_resumes_to_a_bit_identical_store(reference, workspace, tmp_p
     assert tree_bytes(out) == tree_bytes(reference.path)
 
 
-def test_rerunning_a_complete_store_changes_nothing(reference, workspace):
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_rerunning_a_complete_store_changes_nothing(references, workspace, projector):
+    reference = references(projector)
     before = tree_bytes(reference.path)
-    run(workspace, reference.path)
+    run(workspace, reference.path, projector=projector)
     assert tree_bytes(reference.path) == before
 
 
@@ -336,12 +362,39 @@ def test_nan_gradients_name_the_sample_and_nothing_is_marked_complete(workspace,
     assert FeatureStore.open(tmp_path / "store").completed_shards(0) == set()
 
 
+CONDITIONAL_INCLUDE = ("class_embedding.*", "conv_out.*")  # 169 parameters: exact gradients stay small
+
+
+def conditional_gradient(model, scheduler, image, t: int, noise, label: int) -> np.ndarray:
+    """Reference without retrac: ``x_t`` by hand, the UNet called with ``class_labels``, plain autograd
+    over the ``CONDITIONAL_INCLUDE`` parameters in model order."""
+    alpha_bar = scheduler.alphas_cumprod[t]
+    x_t = alpha_bar.sqrt() * image + (1 - alpha_bar).sqrt() * noise
+    out = model(x_t[None], torch.tensor([t]), class_labels=torch.tensor([label])).sample[0]
+    params = [p for n, p in model.named_parameters() if n.startswith(("class_embedding.", "conv_out."))]
+    grads = torch.autograd.grad(((out - noise) ** 2).mean(), params)
+    return torch.cat([g.reshape(-1) for g in grads]).numpy()
+
+
 def test_class_conditional_models_get_the_labels(workspace, tmp_path):
-    path = save_checkpoint(make_tiny_unet(num_class_embeds=3), make_scheduler(), tmp_path / "conditional")
-    store = featurize_dataset(
-        [path], workspace["npz"], tmp_path / "store", IndexConfig(**SMALL), progress=False
-    )
+    model, scheduler = make_tiny_unet(num_class_embeds=3), make_scheduler()
+    path = save_checkpoint(model, scheduler, tmp_path / "conditional")
+    config = IndexConfig(**{**SMALL, "projector": "exact", "dim": None, "include": CONDITIONAL_INCLUDE})
+    store = featurize_dataset([path], workspace["npz"], tmp_path / "store", config, progress=False)
     assert store.is_complete and (store.norms(0) > 0).all()
+    data = workspace["data"]
+    labels = data.labels.tolist()
+    assert sorted(set(labels)) == [0, 1, 2]
+    # every row's stored gradient is the one taken with that row's own label, not another
+    for row in range(N):
+        for event in range(2):
+            t = int(store.timesteps(0)[row, event])
+            noise = noise_from_seed(event_noise_seed(0, 0, data.ids[row], event), (1, 8, 8))
+            args = (model, scheduler, data.images[row], t, noise)
+            own = conditional_gradient(*args, labels[row])
+            np.testing.assert_allclose(store.features(0)[row, event], own, rtol=1e-4, atol=1e-6)
+            other = conditional_gradient(*args, (labels[row] + 1) % 3)
+            assert np.linalg.norm(store.features(0)[row, event] - other) > 1e-2 * np.linalg.norm(own)
     unlabelled = ImageDataset(workspace["data"].images, workspace["data"].ids)
     with pytest.raises(DataError, match="class-conditional"):
         featurize_dataset([path], unlabelled, tmp_path / "unlabelled", IndexConfig(**SMALL), progress=False)

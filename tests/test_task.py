@@ -58,19 +58,40 @@ def test_rows_are_independent(images):
     torch.testing.assert_close(batched, single.detach(), rtol=1e-5, atol=1e-6)
 
 
+LABELS = torch.tensor([0, 1, 2, 2, 1, 0])  # one label per image of the ``images`` fixture
+
+
+def _direct_loss(model, scheduler, images, timesteps, noise, labels) -> torch.Tensor:
+    """The reference: ``x_t`` from ``alpha_bar`` by hand, the UNet called directly with ``class_labels``."""
+    alpha_bar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    x_t = alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise
+    with torch.no_grad():
+        out = model(x_t, timesteps, class_labels=labels).sample
+    return ((out - noise) ** 2).mean(dim=(1, 2, 3))
+
+
 def test_class_conditional_labels_change_the_objective(images):
     task = DiffusionTask(make_tiny_unet(num_class_embeds=3), make_scheduler())
     assert task.is_class_conditional
     timesteps, noise = _events(len(images), images.shape[1:])
-    zeros = torch.zeros(len(images), dtype=torch.long)
-    ones = torch.ones(len(images), dtype=torch.long)
+    shuffled = LABELS.roll(1)  # [0, 0, 1, 2, 2, 1]: rows 1, 2, 4, 5 get another label
+    changed = shuffled != LABELS
     with torch.no_grad():
-        a = task.per_sample_objective(images, timesteps, noise, zeros)
-        b = task.per_sample_objective(images, timesteps, noise, ones)
-        x_t = task.scheduler.add_noise(images, noise, timesteps)
-        expected = ((task.model(x_t, timesteps, class_labels=ones).sample - noise) ** 2).mean(dim=(1, 2, 3))
-    assert not torch.allclose(a, b)
-    torch.testing.assert_close(b, expected, rtol=1e-5, atol=1e-6)
+        got = task.per_sample_objective(images, timesteps, noise, LABELS)
+        got_shuffled = task.per_sample_objective(images, timesteps, noise, shuffled)
+    # each row is scored with its own label: equal to the UNet called directly, row by row
+    torch.testing.assert_close(
+        got, _direct_loss(task.model, task.scheduler, images, timesteps, noise, LABELS), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        got_shuffled,
+        _direct_loss(task.model, task.scheduler, images, timesteps, noise, shuffled),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # and the labels matter: rows whose label moved differ, the others do not
+    assert ((got - got_shuffled).abs()[changed] > 1e-4 * got[changed].abs()).all()
+    torch.testing.assert_close(got[~changed], got_shuffled[~changed], rtol=1e-5, atol=1e-6)
     with pytest.raises(DataError, match="class-conditional"):
         task.per_sample_objective(images, timesteps, noise)
     with pytest.raises(DataError, match="class labels must lie"):
