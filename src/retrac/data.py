@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from retrac._io import atomic_save_npz
 from retrac.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -106,8 +107,10 @@ class ImageDataset:
         arrays = {"images": self.images.numpy().astype(np.float32), "ids": np.array(self.ids)}
         if self.labels is not None:
             arrays["labels"] = self.labels.numpy()
-        np.savez(path, **arrays)
-        return Path(path)
+        path = Path(path)
+        if path.suffix != ".npz":  # as np.savez names it
+            path = path.with_name(path.name + ".npz")
+        return atomic_save_npz(path, **arrays)
 
 
 def _to_nchw(array: np.ndarray, source: str) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from retrac._io import atomic_save_npz, atomic_write_text
 from retrac.checkpoints import save_checkpoint
 from retrac.data import ImageDataset
 from retrac.errors import ConfigError
@@ -216,7 +217,7 @@ def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train, heldout, planted = build_training_set(config)
-    (out / "planted.json").write_text(json.dumps(planted, indent=2))
+    atomic_write_text(out / "planted.json", json.dumps(planted, indent=2))
     train_path = train.save_npz(out / "train.npz")
     heldout_path = heldout.save_npz(out / "heldout.npz")
     trained = train_ddpm(train, config, out, progress)
@@ -226,7 +227,7 @@ def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True
         "heldout": str(heldout_path),
         **trained,
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -320,7 +321,6 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
     Returns:
         The demo summary (also written to ``out/demo.json``), with the paths of every artifact.
     """
-    from retrac._io import atomic_save_npz
     from retrac.checkpoints import load_scheduler, load_unet
     from retrac.data import load_dataset
     from retrac.indexer import IndexConfig, featurize_dataset
@@ -398,7 +398,7 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
             "seconds": timings,
         }
     )
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -414,5 +414,5 @@ def _write_bias_page(attributor, queries, captions, train, out: Path, config: De
     write_bias_report(
         out / "report", measurement, list(zip(captions, queries, strict=True)), train, intro=intro
     )
-    (out / "report" / "bias.json").write_text(json.dumps(measurement.to_dict(), indent=2))
+    atomic_write_text(out / "report" / "bias.json", json.dumps(measurement.to_dict(), indent=2))
     return round(time.perf_counter() - started, 2)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from retrac._io import atomic_write_text, atomic_write_via
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
@@ -33,10 +35,7 @@ def save_png(image: Tensor | np.ndarray, path: str | Path, size: int = 64) -> Pa
     picture = Image.fromarray(array)
     scale = max(1, size // picture.height)
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
-    return path
+    return atomic_write_via(path, lambda temporary: picture.save(temporary, format="PNG"))
 
 
 def image_cell(src: str, caption_lines: Sequence[str], css_class: str = "cell") -> str:
@@ -54,11 +53,7 @@ def page(title: str, body: str) -> str:
 
 def write_page(path: str | Path, title: str, body: str) -> Path:
     """Write an HTML page atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(page(title, body), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, page(title, body))
 
 
 class TrainThumbnails:
