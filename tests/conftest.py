@@ -55,3 +55,14 @@ def scheduler():
 def images():
     generator = torch.Generator().manual_seed(1)
     return torch.rand((6, 1, 8, 8), generator=generator) * 2 - 1
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """`retrac demo --quick --seed 3 --epochs 2`, run once per session and shared (test_demo, test_serve,
+    test_serve_browser). Read-only for the tests: nothing may write into it."""
+    from retrac.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out), "--seed", "3", "--epochs", "2", "--no-progress"]) == 0
+    return out

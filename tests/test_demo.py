@@ -1,4 +1,7 @@
-"""The demo trainer: `retrac demo --quick` writes loadable checkpoints and a readable event log."""
+"""The demo trainer: `retrac demo --quick` writes loadable checkpoints and a readable event log.
+
+The quick demo itself is the session fixture ``quick_demo`` of conftest.py (shared with test_serve).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +12,10 @@ import pytest
 import torch
 
 from retrac.checkpoints import load_scheduler, load_unet, resolve_checkpoint
-from retrac.cli import main
 from retrac.data import load_dataset
 from retrac.demo import DemoConfig, train_digits_ddpm
 from retrac.errors import ConfigError
 from retrac.events import TrainingEventLog, noise_from_seed
-
-
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--seed", "3", "--epochs", "2"]) == 0
-    return out
 
 
 def test_demo_writes_loadable_checkpoints_with_weights(quick_demo):

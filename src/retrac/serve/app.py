@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from retrac.errors import RetracError
 from retrac.serve.batcher import ServiceBusyError
@@ -167,6 +168,10 @@ def create_app(service: AttributionService) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect):
+        return Response(status_code=499)  # nobody is listening; nothing to log
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from retrac.cli.options import add_compute_options, add_query_event_options, query_events
 from retrac.errors import ConfigError
 from retrac.serve.config import ServeConfig
 
@@ -45,22 +46,8 @@ def add_serve_command(sub) -> None:
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    p.add_argument(
-        "--events",
-        default="default",
-        choices=["default", "fast", "paper"],
-        help="query events T_q x M: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the query noise (default: %(default)s)")
-    p.add_argument(
-        "--device", default="cpu", help="torch device for the query gradients (default: %(default)s)"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy shared machine)",
-    )
+    add_query_event_options(p)  # --query-events, --seed
+    add_compute_options(p, device_help="torch device of the query gradients", progress=False)
     p.add_argument(
         "--max-k", type=int, default=defaults.max_k, help="largest k a request may ask (default: %(default)s)"
     )
@@ -138,16 +125,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from retrac.query.attribution import QueryEvents
     from retrac.serve.app import run_server
     from retrac.serve.service import AttributionService
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads {args.threads} must be at least 1.")
-        torch.set_num_threads(args.threads)
+    # --threads and --device were checked and applied by retrac.cli.options.prepare
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} must lie in [0, 65535].")
     config = serve_config(args)
@@ -156,7 +137,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         audit=args.audit,
         data=args.data,
         examples=args.examples,
-        query_events=QueryEvents.preset(args.events, args.seed),
+        query_events=query_events(args),
         device=args.device,
         config=config,
     )
