@@ -39,7 +39,11 @@ def world(tmp_path_factory):
         root / "train.npz"
     )
     store = featurize_dataset(
-        [str(c) for c in checkpoints], root / "train.npz", root / "store", IndexConfig(**SETTINGS), progress=False
+        [str(c) for c in checkpoints],
+        root / "train.npz",
+        root / "store",
+        IndexConfig(**SETTINGS),
+        progress=False,
     )
     return {"root": root, "checkpoints": checkpoints, "store": store.path}
 
@@ -182,7 +186,10 @@ def test_damage_is_reported_refused_and_recomputed(world, tmp_path, damage, caps
             progress=False,
         )
     assert verify_store(store_path).whole
-    repaired, original = all_arrays(FeatureStore.open(store_path)), all_arrays(FeatureStore.open(world["store"]))
+    repaired, original = (
+        all_arrays(FeatureStore.open(store_path)),
+        all_arrays(FeatureStore.open(world["store"])),
+    )
     assert all(np.array_equal(repaired[key], original[key]) for key in original)
 
 
@@ -197,7 +204,7 @@ def test_damaged_ids_are_refused_and_repaired(world, tmp_path, damage):
         zarr.open_array(str(store_path / "ids"), mode="r+")[:] = np.asarray([f"x{i}" for i in range(N)])
     assert [p.where for p in verify_store(store_path).problems] == ["ids"]
     with pytest.raises(StoreDamagedError, match="ids do not match their recorded sha256"):
-        FeatureStore.open(store_path).ids
+        _ = FeatureStore.open(store_path).ids
     featurize_dataset(
         [str(c) for c in world["checkpoints"]],
         world["root"] / "train.npz",
@@ -287,7 +294,11 @@ def test_scheduler_is_recorded_and_a_changed_one_refused(world, tmp_path):
         Attributor(tmp_path / "index", progress=False)
     with pytest.raises(StoreMismatchError, match="prediction_type"):  # nor can the store be resumed with it
         featurize_dataset(
-            [str(ckpt)], world["root"] / "train.npz", tmp_path / "store", IndexConfig(**SETTINGS), progress=False
+            [str(ckpt)],
+            world["root"] / "train.npz",
+            tmp_path / "store",
+            IndexConfig(**SETTINGS),
+            progress=False,
         )
 
 
