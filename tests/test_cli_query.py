@@ -53,7 +53,7 @@ def test_query_json_has_method_indices_scores_ids(built, capsys):
         str(built / "queries.npy"),
         "--k",
         "4",
-        "--events",
+        "--query-events",
         "fast",
     ]
     assert main([*args, "--json"]) == 0
@@ -71,7 +71,8 @@ def test_query_several_indexes_and_text_output(built, capsys):
     capsys.readouterr()
     args = ["query", "--index", str(built / "tracin"), "--index", str(built / "retrac")]
     assert (
-        main([*args, "--images", str(built / "queries.npy"), "--k", "2", "--events", "fast", "--json"]) == 0
+        main([*args, "--images", str(built / "queries.npy"), "--k", "2", "--query-events", "fast", "--json"])
+        == 0
     )
     both = json.loads(capsys.readouterr().out)["results"]
     assert set(both) == {"tracin", "retrac"}
@@ -83,7 +84,7 @@ def test_query_several_indexes_and_text_output(built, capsys):
                 str(built / "queries.npy"),
                 "--k",
                 "2",
-                "--events",
+                "--query-events",
                 "fast",
                 "--method",
                 "tracin",
@@ -99,7 +100,9 @@ def test_cli_errors_exit_2_with_the_input_named(built, capsys):
     capsys.readouterr()
     bad = built / "bad.npy"
     np.save(bad, np.zeros((2, 16, 16), dtype=np.uint8))
-    assert main(["query", "--index", str(built / "retrac"), "--images", str(bad), "--events", "fast"]) == 2
+    assert (
+        main(["query", "--index", str(built / "retrac"), "--images", str(bad), "--query-events", "fast"]) == 2
+    )
     assert "has shape" in capsys.readouterr().err
     assert (
         main(["query", "--index", str(built / "retrac"), "--images", str(built / "queries.npy"), "--k", "21"])
@@ -111,6 +114,6 @@ def test_cli_errors_exit_2_with_the_input_named(built, capsys):
     )
     assert "--objective sqnorm" in capsys.readouterr().err
     assert (
-        main(["build", "--store", str(built / "store"), "--index", "Bogus99", "--out", str(built / "x")]) == 2
+        main(["build", "--store", str(built / "store"), "--kind", "Bogus99", "--out", str(built / "x")]) == 2
     )
     assert "Bogus99" in capsys.readouterr().err

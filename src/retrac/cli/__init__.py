@@ -1,9 +1,10 @@
-"""The ``retrac`` command: ``demo``, ``index``, ``build``, ``query``, ``audit``, ``report``, ``serve``, ``verify``,
-``lds``.
+"""The ``retrac`` command: ``demo``, ``index``, ``build``, ``query``, ``audit``, ``report``, ``serve``, ``lds``,
+``verify``.
 
 Each verb parses its options into the library's config objects and calls the Python API. One module per
 verb (``retrac.cli.demo``, ...); the options every verb shares live in :mod:`retrac.cli.options`;
-``serve``, ``lds`` and ``verify`` register themselves from their own packages.
+``serve``, ``lds`` and ``verify`` register themselves from their own packages. The verb modules are
+imported inside :func:`build_parser`, so ``retrac.cli.options`` can be imported from anywhere.
 """
 
 from __future__ import annotations
@@ -11,27 +12,37 @@ from __future__ import annotations
 import argparse
 import sys
 
-from retrac.cli.audit import add_audit_command
-from retrac.cli.build import add_build_command
-from retrac.cli.demo import add_demo_command
-from retrac.cli.index import add_index_command
-from retrac.cli.options import os_error_message, prepare
-from retrac.cli.query import add_query_command
-from retrac.cli.report import add_report_command
-from retrac.errors import RetracError
-from retrac.lds.cli import add_lds_command
-from retrac.serve.cli import add_serve_command
-from retrac.verify import add_verify_command
-
 __all__ = ["build_parser", "main"]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("retrac")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        from retrac import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from retrac.cli.audit import add_audit_command
+    from retrac.cli.build import add_build_command
+    from retrac.cli.demo import add_demo_command
+    from retrac.cli.index import add_index_command
+    from retrac.cli.query import add_query_command
+    from retrac.cli.report import add_report_command
+    from retrac.lds.cli import add_lds_command
+    from retrac.serve.cli import add_serve_command
+    from retrac.verify import add_verify_command
+
     parser = argparse.ArgumentParser(
         prog="retrac",
         description="Which training samples made a diffusion model's output? "
         "Diffusion-TracIn / Diffusion-ReTrac / (D-)TRAK attribution served from a FAISS index.",
     )
+    parser.add_argument("--version", action="version", version=f"retrac {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_command(sub)
     add_index_command(sub)
@@ -46,14 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from retrac.cli.options import end_progress_bars, os_error_message, prepare
+    from retrac.errors import RetracError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         prepare(args)
         return int(args.func(args) or 0)
     except RetracError as exc:
+        end_progress_bars()  # the message starts on its own line, not after a half-drawn bar
         print(f"retrac {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
+        end_progress_bars()
         print(f"retrac {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2

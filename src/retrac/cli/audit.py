@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 
 from retrac.audit import AuditConfig
-from retrac.cli.options import QUERY_PRESETS_HELP, add_threads
+from retrac.cli.options import QUERY_PRESETS_HELP, add_compute_options
 from retrac.errors import ConfigError
 from retrac.query.attribution import DEFAULT_QUERY_PRESET, QUERY_PRESETS, QueryEvents
 from retrac.sampling import DEFAULT_SAMPLING_SEED
-from retrac.task import DEFAULT_DEVICE
 
 
 def add_audit_command(sub) -> None:
@@ -86,13 +85,7 @@ def add_audit_command(sub) -> None:
         choices=list(QUERY_PRESETS),
         help=f"attribution query events T_q x M: {QUERY_PRESETS_HELP} (default: %(default)s)",
     )
-    p.add_argument(
-        "--device",
-        default=DEFAULT_DEVICE,
-        help="torch device for gradients and sampling (default: %(default)s)",
-    )
-    add_threads(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compute_options(p, device_help="torch device of gradients and sampling")
     p.set_defaults(func=_run_audit)
 
 
@@ -123,9 +116,7 @@ def _run_audit(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     counts = ", ".join(f"{v} {c}" for v, c in summary["verdict_counts"].items())
-    print(
-        f"audited {summary['num_images']} images: {counts} (copy rate {summary['copy_rate']:.3f})"
-    )
+    print(f"audited {summary['num_images']} images: {counts} (copy rate {summary['copy_rate']:.3f})")
     for hot in summary["hot_spots"][:5]:
         print(
             f"hot spot {hot['id']}: {hot['outputs']} outputs (nearest of {hot['as_nearest']}, top-1 {hot['as_top1']})"

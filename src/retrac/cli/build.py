@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from retrac.cli.options import add_compute_options, add_deprecated_alias
 from retrac.query.attribution import DEFAULT_INDEX_KIND, DEFAULT_SEARCH_DEVICE
-from retrac.query.index import AUTO_FLAT_MAX_ROWS, DEVICES
+from retrac.query.index import AUTO_FLAT_MAX_ROWS
 from retrac.query.vectors import DEFAULT_KERNEL_C, DEFAULT_METHOD, METHOD_NAMES
 
 
@@ -17,9 +18,7 @@ def add_build_command(sub) -> None:
         "method (tracin: mean of phi; retrac: mean of phi / n_k; trak / dtrak: tracin with the kernel "
         "folded into queries) and index them for inner-product search.",
     )
-    p.add_argument(
-        "--store", required=True, help="a complete feature store (from `retrac index`)"
-    )
+    p.add_argument("--store", required=True, help="a complete feature store (from `retrac index`)")
     p.add_argument(
         "--method",
         default=DEFAULT_METHOD,
@@ -36,19 +35,21 @@ def add_build_command(sub) -> None:
         help="apply the kernel (Phi^T Phi + lambda I)^-1, lambda = C * mean ||u||^2 (C default %(const)s)",
     )
     p.add_argument(
-        "--index",
+        "--kind",
         default=DEFAULT_INDEX_KIND,
-        help=f"auto (Flat up to {AUTO_FLAT_MAX_ROWS:,} rows, IVF above), flat, ivf, hnsw or a FAISS factory "
-        "string (default: %(default)s)",
+        help=f"index kind: auto (Flat up to {AUTO_FLAT_MAX_ROWS:,} rows, IVF above), flat, ivf, hnsw or a FAISS "
+        "factory string (default: %(default)s)",
+    )
+    add_deprecated_alias(
+        p, "--index", "--kind", "kind", why=" for the index kind (--index names an index folder)"
     )
     p.add_argument("--out", required=True, help="the index folder")
-    p.add_argument(
-        "--device",
-        default=DEFAULT_SEARCH_DEVICE,
-        choices=DEVICES,
-        help="faiss device (default: %(default)s)",
+    add_compute_options(
+        p,
+        device_default=DEFAULT_SEARCH_DEVICE,
+        device_help="FAISS device of the build and its recall calibration (cuda: faiss-gpu)",
+        device_for="faiss",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_build)
 
 
@@ -60,16 +61,10 @@ def _run_build(args: argparse.Namespace) -> int:
         args.out,
         args.method,
         kernel=args.kernel,
-        index=args.index,
+        index=args.kind,
         device=args.device,
         progress=not args.no_progress,
     )
-    recall = (
-        f", recall@10 vs flat {built.recall['recall_at_10']:.3f}"
-        if built.recall
-        else ""
-    )
-    print(
-        f"index {args.out}: {built.num_vectors} vectors x {built.dim} dims, {built.factory}{recall}"
-    )
+    recall = f", recall@10 vs flat {built.recall['recall_at_10']:.3f}" if built.recall else ""
+    print(f"index {args.out}: {built.num_vectors} vectors x {built.dim} dims, {built.factory}{recall}")
     return 0

@@ -5,20 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrac.cli.options import add_threads
+from retrac.cli.options import add_compute_options
 from retrac.demo import DemoConfig
 
 
 def add_demo_command(sub) -> None:
-    p = sub.add_parser(
-        "demo", help="train the tiny digits DDPM and run every pipeline stage on it"
-    )
-    p.add_argument(
-        "--out", default="retrac-demo", help="output folder (default: %(default)s)"
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="a short run for smoke tests (about 30 s)"
-    )
+    p = sub.add_parser("demo", help="train the tiny digits DDPM and run every pipeline stage on it")
+    p.add_argument("--out", default="retrac-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a short run for smoke tests (about 30 s)")
     p.add_argument(
         "--seed",
         type=int,
@@ -51,8 +45,7 @@ def add_demo_command(sub) -> None:
         default=DemoConfig.duplicate_copies,
         help="copies per duplicated digit (default: %(default)s)",
     )
-    add_threads(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_compute_options(p, device_help="torch device of training, gradients and sampling")
     p.set_defaults(func=_run_demo)
 
 
@@ -85,8 +78,5 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"report:             {summary['report']}")
     print(f"serve it:           {summary['serve']}")
     print(f"summary:            {out / 'demo.json'}")
-    print(
-        "seconds per stage:  "
-        + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items())
-    )
+    print("seconds per stage:  " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
     return 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from retrac.checkpoints import CHECKPOINT_INFO, DEFAULT_CHECKPOINT_WEIGHT
-from retrac.cli.options import add_threads
+from retrac.cli.options import add_compute_options
 from retrac.events import SCHEDULE_HELP
 from retrac.indexer.config import DEFAULT_DIM, DTYPES, IndexConfig
 from retrac.projection import DENSE_BACKENDS, PROJECTOR_KINDS
-from retrac.task import DEFAULT_DEVICE, OBJECTIVES
+from retrac.task import OBJECTIVES
 
 
 def add_index_command(sub) -> None:
@@ -28,12 +28,8 @@ def add_index_command(sub) -> None:
         help="a checkpoint, in training order (repeatable); WEIGHT is w_k "
         f"(default: {CHECKPOINT_INFO} or {DEFAULT_CHECKPOINT_WEIGHT:g})",
     )
-    p.add_argument(
-        "--data", required=True, help="training data: .npz, .npy or a folder of images"
-    )
-    p.add_argument(
-        "--out", required=True, help="the store folder (created; reopened to resume)"
-    )
+    p.add_argument("--data", required=True, help="training data: .npz, .npy or a folder of images")
+    p.add_argument("--out", required=True, help="the store folder (created; reopened to resume)")
     p.add_argument(
         "--events",
         default=IndexConfig.events,
@@ -107,13 +103,7 @@ def add_index_command(sub) -> None:
         metavar="PATTERN",
         help="parameters left out",
     )
-    p.add_argument(
-        "--device",
-        default=DEFAULT_DEVICE,
-        help="torch device for the gradients (default: %(default)s)",
-    )
-    add_threads(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compute_options(p)
     p.set_defaults(func=_run_index)
 
 

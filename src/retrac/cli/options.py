@@ -1,32 +1,55 @@
-"""Options and checks shared by the ``retrac`` verbs: threads, devices, progress, query events, ``--out``."""
+"""Options and checks shared by the ``retrac`` verbs: one vocabulary for every verb that computes.
+
+* ``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` everywhere (``auto`` = ``cuda`` when
+  torch sees a GPU, else ``cpu``; for ``build``'s FAISS search, ``auto`` uses a GPU when faiss-gpu
+  sees one); ``--threads N``; ``--no-progress``.
+* ``--events`` is always a *training* event schedule (``retrac index``); the query events preset is
+  ``--query-events`` on every verb that computes query gradients (``query``, ``report``, ``audit``,
+  ``serve``, ``lds``). Old spellings stay accepted as deprecated aliases that print a warning.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
+import sys
 from pathlib import Path
 
 from retrac.errors import ConfigError
 from retrac.query.attribution import DEFAULT_QUERY_PRESET, QUERY_PRESETS, QueryEvents
 from retrac.task import DEFAULT_DEVICE
 
-TORCH_DEVICE_COMMANDS = (
-    "index",
-    "query",
-    "audit",
-    "report",
-)  # their --device is a torch device
-OUT_FOLDER_COMMANDS = (
-    "demo",
-    "build",
-    "audit",
-    "report",
-)  # their --out is a folder they write
+OUT_FOLDER_COMMANDS = ("demo", "build", "audit", "report")  # their --out is a folder they write
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+QUERY_PRESETS_HELP = ", ".join(f"{name} {t} x {m}" for name, (t, m) in QUERY_PRESETS.items())
 
-QUERY_PRESETS_HELP = ", ".join(
-    f"{name} {t} x {m}" for name, (t, m) in QUERY_PRESETS.items()
-)
+
+def warn_deprecated(old: str, new: str, why: str = "") -> None:
+    """One line on stderr: ``old`` still works, ``new`` is the name to use."""
+    print(f"retrac: warning: {old} is deprecated{why}; use {new}.", file=sys.stderr)
+
+
+class DeprecatedOption(argparse.Action):
+    """An old option spelling: stores into the new option's ``dest`` and prints a deprecation warning."""
+
+    def __init__(self, option_strings, dest, replacement: str, why: str = "", **kwargs) -> None:
+        self.replacement, self.why = replacement, why
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        warn_deprecated(option_string, self.replacement, self.why)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(
+    p: argparse.ArgumentParser, old: str, new: str, dest: str, why: str = "", **kwargs
+) -> None:
+    """Accept ``old`` as a hidden alias of ``new`` (same ``dest``, same checks) that warns when used."""
+    p.add_argument(
+        old, dest=dest, action=DeprecatedOption, replacement=new, why=why, help=argparse.SUPPRESS, **kwargs
+    )
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
@@ -38,49 +61,124 @@ def add_threads(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_query_event_options(p: argparse.ArgumentParser) -> None:
-    """``--events`` / ``--seed`` / ``--device``: how query gradients are computed (query, report)."""
+def add_compute_options(
+    p: argparse.ArgumentParser,
+    device_default: str = DEFAULT_DEVICE,
+    device_help: str = "torch device of the gradients",
+    device_for: str = "torch",
+    progress: bool = True,
+) -> None:
+    """``--device`` / ``--threads`` / ``--no-progress``, the same on every verb that computes.
+
+    ``device_for`` is ``"torch"`` or ``"faiss"`` (``build``: cuda / cuda:N mean faiss-gpu);
+    ``progress=False`` leaves out ``--no-progress`` on a verb that draws no bars (``serve``).
+    """
     p.add_argument(
-        "--events",
+        "--device",
+        default=device_default,
+        metavar="DEVICE",
+        help=f"{device_help}: {DEVICE_NAMES} (default: %(default)s)",
+    )
+    add_threads(p)
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(device_for=device_for)
+
+
+def add_query_event_options(p: argparse.ArgumentParser) -> None:
+    """``--query-events`` / ``--seed``: the query events preset and the seed of the query noise."""
+    p.add_argument(
+        "--query-events",
         default=DEFAULT_QUERY_PRESET,
         choices=list(QUERY_PRESETS),
         help=f"query events T_q x M: {QUERY_PRESETS_HELP} (default: %(default)s)",
     )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=QueryEvents.seed,
-        help="seed of the query noise (default: %(default)s)",
+    add_deprecated_alias(
+        p,
+        "--events",
+        "--query-events",
+        "query_events",
+        why=" for the query preset (--events is retrac index's training schedule)",
+        choices=list(QUERY_PRESETS),
     )
     p.add_argument(
-        "--device",
-        default=DEFAULT_DEVICE,
-        help="torch device for the gradients (default: %(default)s)",
+        "--seed", type=int, default=QueryEvents.seed, help="seed of the query noise (default: %(default)s)"
     )
-    add_threads(p)
 
 
 def query_events(args: argparse.Namespace) -> QueryEvents:
-    return QueryEvents.preset(args.events, args.seed)
+    return QueryEvents.preset(args.query_events, args.seed)
+
+
+def resolve_cli_device(device: str, device_for: str = "torch") -> str:
+    """``--device`` checked against this machine: a torch device name, or a FAISS one for ``build``.
+
+    Raises:
+        ConfigError: an unknown name, or a GPU this machine (or its torch / faiss build) does not have.
+    """
+    import torch
+
+    name = str(device).strip().lower()
+    if name == "gpu":  # build's old spelling
+        warn_deprecated("--device gpu", "--device cuda")
+        name = "cuda"
+    if device_for == "faiss":
+        if name in ("auto", "cpu"):
+            return name
+        if name == "cuda" or name.startswith("cuda:"):
+            import faiss
+
+            from retrac.query.index.checks import _gpu_available
+
+            if not _gpu_available():
+                raise ConfigError(
+                    f"--device {device!r}: the installed faiss ({faiss.__version__}) has no GPU support or sees "
+                    "no GPU; install faiss-gpu (pip install 'retrac[gpu]') on a machine with a CUDA GPU, or use "
+                    "--device cpu (or auto)."
+                )
+            return "gpu"
+        if name == "mps":
+            raise ConfigError("--device mps: FAISS has no MPS support; use --device cpu for the search.")
+        raise ConfigError(f"--device {device!r} is not a search device; give {DEVICE_NAMES}.")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.backends.cuda.is_built():
+        raise ConfigError(
+            f"--device {device!r}: this torch ({torch.__version__}) is a CPU-only build; install a CUDA "
+            "build of torch (see the README's GPU section) or use --device cpu."
+        )
+    from retrac.indexer.featurize import resolve_device
+
+    resolve_device(name)  # a torch device name this machine has (clear message otherwise)
+    return name
+
+
+def end_progress_bars() -> None:
+    """Close every live tqdm bar so that a following message starts on its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):  # a bar half torn down by the error itself
+            bar.close()
 
 
 def prepare(args: argparse.Namespace) -> None:
-    """The checks every verb shares: ``--threads``, a torch ``--device``, a writable ``--out`` folder."""
+    """The checks every verb shares: ``--threads``, ``--device``, a writable ``--out`` folder."""
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads} must be at least 1.")
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.command in TORCH_DEVICE_COMMANDS:
-        from retrac.indexer.featurize import resolve_device
+        if getattr(args, "device_for", None) == "faiss":
+            import faiss
 
-        resolve_device(args.device)
+            faiss.omp_set_num_threads(args.threads)
+    if getattr(args, "device", None) is not None:
+        args.device = resolve_cli_device(args.device, getattr(args, "device_for", "torch"))
     if args.command in OUT_FOLDER_COMMANDS:
         out = Path(args.out).absolute()
-        existing = next(
-            p for p in (out, *out.parents) if p.exists()
-        )  # --out itself, or its nearest parent
+        existing = next(p for p in (out, *out.parents) if p.exists())  # --out itself, or its nearest parent
         if not existing.is_dir():
             raise ConfigError(
                 f"--out {args.out!r}: {str(existing)!r} is an existing file; give a folder path."
@@ -95,9 +193,5 @@ def os_error_message(error: OSError) -> str:
     """One line for an operating-system error (a full disk, a read-only folder, a missing file)."""
     where = f" ({error.filename})" if error.filename else ""
     denied = error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-    remedy = (
-        "; free some space or write to another --out, then rerun"
-        if error.errno == errno.ENOSPC
-        else ""
-    )
+    remedy = "; free some space or write to another --out, then rerun" if error.errno == errno.ENOSPC else ""
     return f"{error.strerror or error}{where}{remedy or ('; give a writable --out' if denied else '')}."

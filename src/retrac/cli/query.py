@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from retrac.cli.options import add_query_event_options, query_events
+from retrac.cli.options import add_compute_options, add_query_event_options, query_events
 from retrac.query.attribution import DEFAULT_TOP_K
 
 
@@ -43,9 +43,8 @@ def add_query_command(sub) -> None:
         help="the most negative scores instead of the most positive",
     )
     add_query_event_options(p)
-    p.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of a table"
-    )
+    add_compute_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_run_query)
 
 
@@ -60,35 +59,19 @@ def _run_query(args: argparse.Namespace) -> int:
         args.index,
         query_events=query_events(args),
         device=args.device,
-        progress=not args.json,
+        progress=not (args.json or args.no_progress),
     )
     labels = images.labels if attributor.task.is_class_conditional else None
     methods = [args.method] if args.method else attributor.methods
-    results = {
-        m: attributor.attribute(images.images, args.k, m, args.opponents, labels)
-        for m in methods
-    }
+    results = {m: attributor.attribute(images.images, args.k, m, args.opponents, labels) for m in methods}
     if args.json:
-        payload = {
-            m: {**r.to_dict(), "query_ids": images.ids} for m, r in results.items()
-        }
-        print(
-            json.dumps(
-                next(iter(payload.values()))
-                if len(payload) == 1
-                else {"results": payload}
-            )
-        )
+        payload = {m: {**r.to_dict(), "query_ids": images.ids} for m, r in results.items()}
+        print(json.dumps(next(iter(payload.values())) if len(payload) == 1 else {"results": payload}))
         return 0
     kind = "opponents" if args.opponents else "proponents"
     for method, result in results.items():
-        print(
-            f"{method}: top {args.k} {kind} (score = sum_k w_k <u_k, q_k>; positive = proponent)"
-        )
+        print(f"{method}: top {args.k} {kind} (score = sum_k w_k <u_k, q_k>; positive = proponent)")
         for q, query_id in enumerate(images.ids):
-            pairs = ", ".join(
-                f"{i} ({s:.4g})"
-                for i, s in zip(result.ids[q], result.scores[q], strict=True)
-            )
+            pairs = ", ".join(f"{i} ({s:.4g})" for i, s in zip(result.ids[q], result.scores[q], strict=True))
             print(f"  {query_id}: {pairs}")
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from retrac._io import atomic_write_text
 from retrac.bias import DEFAULT_FRACTION, DEFAULT_MIN_QUERIES
-from retrac.cli.options import add_query_event_options, query_events
+from retrac.cli.options import add_compute_options, add_query_event_options, query_events
 from retrac.query.attribution import DEFAULT_TOP_K
 from retrac.report.bias import DEFAULT_TITLE
 
@@ -44,9 +44,7 @@ def add_report_command(sub) -> None:
         default=None,
         help="the training images, for thumbnails (default: the store's recorded data path)",
     )
-    p.add_argument(
-        "--out", default="retrac-report", help="output folder (default: %(default)s)"
-    )
+    p.add_argument("--out", default="retrac-report", help="output folder (default: %(default)s)")
     p.add_argument(
         "--k",
         type=int,
@@ -68,10 +66,8 @@ def add_report_command(sub) -> None:
         help="planted outlier ids: planted.json, a JSON list or one id a line",
     )
     add_query_event_options(p)
-    p.add_argument(
-        "--title", default=DEFAULT_TITLE, help="page title (default: %(default)s)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--title", default=DEFAULT_TITLE, help="page title (default: %(default)s)")
+    add_compute_options(p)
     p.set_defaults(func=_run_report)
 
 
@@ -100,11 +96,7 @@ def _run_report(args: argparse.Namespace) -> int:
         )
     train = load_dataset(data_path)
     if train.fingerprint != store.attrs["dataset"].get("fingerprint"):
-        same_ids = (
-            "same ids but other pixels or labels"
-            if train.ids == store.ids
-            else "other ids"
-        )
+        same_ids = "same ids but other pixels or labels" if train.ids == store.ids else "other ids"
         raise DataError(
             f"--data {data_path!r} does not hold the store's training samples ({same_ids}: fingerprint "
             f"{train.fingerprint[:16]}..., the store's {str(store.attrs['dataset'].get('fingerprint'))[:16]}...); "
@@ -124,13 +116,9 @@ def _run_report(args: argparse.Namespace) -> int:
     queries = list(zip([str(i) for i in images.ids], images.images, strict=True))
     page = write_bias_report(out, measurement, queries, train, title=args.title)
     atomic_write_text(out / "bias.json", json.dumps(measurement.to_dict(), indent=2))
-    print(
-        f"norm-timestep Spearman (mean over checkpoints): {measurement.norm_timestep_spearman:.3f}"
-    )
+    print(f"norm-timestep Spearman (mean over checkpoints): {measurement.norm_timestep_spearman:.3f}")
     for method, stats in measurement.topk.items():
-        outlier = (
-            f", outlier share {stats.outlier_share:.3f}" if stats.num_outliers else ""
-        )
+        outlier = f", outlier share {stats.outlier_share:.3f}" if stats.num_outliers else ""
         print(
             f"{method}: {stats.unique} distinct samples in {stats.num_queries} top-{stats.k} lists, "
             f"{stats.general_influential} generally influential (>= {stats.threshold} queries){outlier}"

@@ -265,6 +265,9 @@ class Attributor:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from retrac.indexer.featurize import resolve_device
+
+        resolve_device(self.device)  # a ConfigError naming the device, not torch's AssertionError
         dirs = [self.indexes] if isinstance(self.indexes, (str, Path)) else list(self.indexes)
         if not dirs:
             raise ConfigError("give at least one index directory.")
