@@ -200,7 +200,9 @@ def build_training_set(config: DemoConfig) -> tuple[ImageDataset, ImageDataset, 
     return train, heldout, planted
 
 
-def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True) -> dict:
+def train_digits_ddpm(
+    config: DemoConfig, out: str | Path, progress: bool = True, device: str = "cpu"
+) -> dict:
     """Train the demo DDPM and write checkpoints, data and the training-event log under ``out``.
 
     Layout written::
@@ -220,7 +222,7 @@ def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True
     atomic_write_text(out / "planted.json", json.dumps(planted, indent=2))
     train_path = train.save_npz(out / "train.npz")
     heldout_path = heldout.save_npz(out / "heldout.npz")
-    trained = train_ddpm(train, config, out, progress)
+    trained = train_ddpm(train, config, out, progress, device)
     summary = {
         "config": asdict(config),
         "train": str(train_path),
@@ -231,7 +233,9 @@ def train_digits_ddpm(config: DemoConfig, out: str | Path, progress: bool = True
     return summary
 
 
-def train_ddpm(train: ImageDataset, config: DemoConfig, out: str | Path, progress: bool = True) -> dict:
+def train_ddpm(
+    train: ImageDataset, config: DemoConfig, out: str | Path, progress: bool = True, device: str = "cpu"
+) -> dict:
     """Train the demo ``UNet2DModel`` on ``train`` with the seed, epochs, batch size, learning rate and
     checkpoint count of ``config``; write ``out/checkpoints/checkpoint-STEP/`` and ``out/events.npz``.
 
@@ -245,7 +249,7 @@ def train_ddpm(train: ImageDataset, config: DemoConfig, out: str | Path, progres
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     channels, size = int(train.images.shape[1]), int(train.images.shape[2])
-    model = build_demo_unet(sample_size=size, channels=channels)
+    model = build_demo_unet(sample_size=size, channels=channels).to(device)
     scheduler = build_demo_scheduler(config.num_train_timesteps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
 
@@ -273,15 +277,15 @@ def train_ddpm(train: ImageDataset, config: DemoConfig, out: str | Path, progres
             step_rng = torch.Generator().manual_seed(derive_seed("timesteps", config.seed, step))
             timesteps = torch.randint(0, config.num_train_timesteps, (len(rows),), generator=step_rng)
             seeds = [derive_seed("train-noise", config.seed, step, pos) for pos in range(len(rows))]
-            noise = torch.stack([noise_from_seed(s, shape) for s in seeds])
-            images = train.images[rows]
+            noise = torch.stack([noise_from_seed(s, shape) for s in seeds]).to(device)
+            images, timesteps = train.images[rows].to(device), timesteps.to(device)
             noisy = scheduler.add_noise(images, noise, timesteps)
             loss = torch.nn.functional.mse_loss(model(noisy, timesteps).sample, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             log["sample_id"].extend(train.ids[i] for i in rows.tolist())
-            log["timestep"].extend(timesteps.tolist())
+            log["timestep"].extend(timesteps.cpu().tolist())
             log["noise_seed"].extend(seeds)
             log["step"].extend([step] * len(rows))
             log["interval"].extend([interval] * len(rows))
@@ -314,7 +318,7 @@ def train_ddpm(train: ImageDataset, config: DemoConfig, out: str | Path, progres
     }
 
 
-def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict:
+def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device: str = "cpu") -> dict:
     """Every stage of the pipeline on the digits: train, index, build TracIn and ReTrac indexes,
     attribute held-out and generated digits, and write the HTML report.
 
@@ -330,7 +334,7 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
     from retrac.serve.cli import serve_command_line
 
     out = Path(out)
-    summary = train_digits_ddpm(config, out, progress)
+    summary = train_digits_ddpm(config, out, progress, device)
     timings = {"train": summary["train_seconds"]}
     checkpoints = [c["path"] for c in summary["checkpoints"]]
 
@@ -338,7 +342,9 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
     index_config = IndexConfig(
         events=config.index_events, projector=config.index_projector, dim=config.index_dim, seed=config.seed
     )
-    store = featurize_dataset(checkpoints, summary["train"], out / "store", index_config, progress=progress)
+    store = featurize_dataset(
+        checkpoints, summary["train"], out / "store", index_config, device=device, progress=progress
+    )
     timings["featurize"] = round(time.perf_counter() - started, 2)
 
     started = time.perf_counter()
@@ -351,7 +357,7 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
     started = time.perf_counter()
     final = checkpoints[-1]
     generated = generate_images(
-        load_unet(final),
+        load_unet(final).to(device),
         load_scheduler(final),
         config.num_generated_queries,
         seed=config.seed,
@@ -367,7 +373,7 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True) -> dict
     timings["sample"] = round(time.perf_counter() - started, 2)
 
     started = time.perf_counter()
-    attributor = Attributor(list(indexes.values()), progress=progress)
+    attributor = Attributor(list(indexes.values()), device=device, progress=progress)
     queries = torch.cat([heldout.images, generated])
     captions = [f"held-out {i} (label {int(y)})" for i, y in zip(heldout.ids, heldout.labels, strict=True)]
     captions += [f"generated {i}" for i in range(len(generated))]

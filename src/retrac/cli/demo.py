@@ -62,7 +62,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     config = DemoConfig(**{**config.__dict__, **overrides})
     out = Path(args.out)
-    summary = run_demo(config, out, progress=not args.no_progress)
+    summary = run_demo(config, out, progress=not args.no_progress, device=args.device)
     print(
         f"trained {len(summary['checkpoints'])} checkpoints in {summary['train_seconds']} s "
         f"(final loss {summary['final_loss']:.4f})"
