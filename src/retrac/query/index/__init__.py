@@ -13,7 +13,9 @@ One module per responsibility, dependencies pointing one way (each imports only 
 * ``kinds``: the index kinds (``auto``, ``flat``, ``ivf``, ``hnsw``, factory strings) and the
   ``auto`` rule;
 * ``mips``: the norm augmentation that turns IVF inner-product search into search on a sphere;
-* ``search_index``: the ``SearchIndex`` and its search (CPU or faiss-gpu);
+* ``topk``: the running exact top-k of streamed blocks (brute force);
+* ``search_index``: the ``SearchIndex`` and its search (CPU or faiss-gpu), which never returns
+  padding (short queries are widened, else answered exactly; ``SearchResult`` says which);
 * ``exact``: exact top-k by brute force, recall@k;
 * ``sample``: the training sample of IVF / PQ / SQ indexes, from streamed blocks;
 * ``calibrate``: default ``nprobe`` / ``efSearch`` calibrated against exact search;
@@ -67,6 +69,7 @@ from retrac.query.index.search_index import (
     INDEX_FORMAT,
     INDEX_FORMAT_VERSION,
     SearchIndex,
+    SearchResult,
     search,
 )
 
@@ -91,6 +94,7 @@ __all__ = [
     "MIN_TRAIN_ROWS",
     "NUM_CALIBRATION_QUERIES",
     "SearchIndex",
+    "SearchResult",
     "TRAIN_ROWS_PER_LIST",
     "auto_factory",
     "build_index",

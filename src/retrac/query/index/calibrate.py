@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from retrac.query.index.checks import _as_queries
-from retrac.query.index.exact import _ExactTopK, recall_at_k
+from retrac.query.index.exact import recall_at_k
 from retrac.query.index.kinds import _hnsw_of, _ivf_of
 from retrac.query.index.search_index import SearchIndex
+from retrac.query.index.topk import _ExactTopK
 
 DEFAULT_TARGET_RECALL = 0.95
 CALIBRATION_MARGIN = 0.02
@@ -139,9 +140,9 @@ def _tune(
     recall = 0.0
     for value in ladder:
         if name == "nprobe":
-            _, found = index.search(queries, k, opponents=opponents, nprobe=value)
+            _, found = index.search_as_built(queries, k, opponents=opponents, nprobe=value)
         else:
-            _, found = index.search(queries, k, opponents=opponents, ef_search=value)
+            _, found = index.search_as_built(queries, k, opponents=opponents, ef_search=value)
         recall = recall_at_k(found, exact_ids, k)
         if recall >= target:
             break

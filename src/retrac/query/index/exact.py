@@ -11,35 +11,7 @@ import numpy as np
 from retrac.errors import ConfigError, DataError
 from retrac.query.index.checks import Blocks, _as_block, _as_queries, _check_positive_int, _iterate
 from retrac.query.index.search_index import SearchIndex, search
-
-
-def _merge_topk(
-    best_scores: np.ndarray, best_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge a block's candidate scores ``(n_query, m)`` into the running top-k, best first."""
-    all_scores = np.concatenate([best_scores, scores], axis=1)
-    all_ids = np.concatenate([best_ids, ids], axis=1)
-    if all_scores.shape[1] > k:
-        part = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
-        all_scores = np.take_along_axis(all_scores, part, axis=1)
-        all_ids = np.take_along_axis(all_ids, part, axis=1)
-    order = np.argsort(-all_scores, axis=1, kind="stable")
-    return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(all_ids, order, axis=1)
-
-
-class _ExactTopK:
-    """Running exact top-k of fixed queries over streamed blocks (brute-force inner products)."""
-
-    def __init__(self, queries: np.ndarray, k: int):
-        self.queries = queries
-        self.k = k
-        self.scores = np.full((queries.shape[0], 0), -np.inf, dtype=np.float32)
-        self.ids = np.zeros((queries.shape[0], 0), dtype=np.int64)
-
-    def update(self, block: np.ndarray, offset: int) -> None:
-        scores = self.queries @ block.T  # (n_query, n_block): <Q(z'), U(z)>
-        ids = np.broadcast_to(np.arange(offset, offset + block.shape[0], dtype=np.int64), scores.shape)
-        self.scores, self.ids = _merge_topk(self.scores, self.ids, scores, ids, self.k)
+from retrac.query.index.topk import _ExactTopK
 
 
 def exact_search(
