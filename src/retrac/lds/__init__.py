@@ -10,6 +10,7 @@ removes each test sample's top proponents and retrains.
 from retrac.lds.counterfactual import CounterfactualResult, counterfactual_check
 from retrac.lds.metrics import (
     LDSScore,
+    attributor_scores,
     format_table,
     index_scores,
     lds_score,
@@ -29,6 +30,7 @@ __all__ = [
     "LDSRun",
     "LDSScore",
     "TrainFunction",
+    "attributor_scores",
     "counterfactual_check",
     "draw_subsets",
     "find_model_checkpoint",

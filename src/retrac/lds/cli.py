@@ -10,6 +10,9 @@ RESULT_FILENAME = "lds.json"
 
 
 def add_lds_command(sub) -> None:
+    from retrac.cli.options import QUERY_PRESETS_HELP, add_compute_options
+    from retrac.query.attribution import DEFAULT_QUERY_PRESET, QUERY_PRESETS
+
     p = sub.add_parser(
         "lds",
         help="linear datamodeling score: retrain on random subsets, correlate predicted and actual test losses",
@@ -59,13 +62,13 @@ def add_lds_command(sub) -> None:
         "--index",
         action="append",
         default=[],
-        help="an attribution index folder built with --index flat (repeatable, one per method)",
+        help="an attribution index folder built with --kind flat (repeatable, one per method)",
     )
     p.add_argument(
         "--query-events",
-        default="default",
-        choices=["default", "fast", "paper"],
-        help="query events of the indexes: default 10 x 2, fast 4 x 1, paper 100 x 16 (default: %(default)s)",
+        default=DEFAULT_QUERY_PRESET,
+        choices=list(QUERY_PRESETS),
+        help=f"query events T_q x M of the indexes: {QUERY_PRESETS_HELP} (default: %(default)s)",
     )
     p.add_argument(
         "--scores",
@@ -95,12 +98,8 @@ def add_lds_command(sub) -> None:
         metavar="Q",
         help="test images of the counterfactual check (default: %(default)s)",
     )
-    p.add_argument(
-        "--device", default="cpu", help="torch device of losses and queries (default: %(default)s)"
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_compute_options(p, device_help="torch device of the demo trainer, the losses and the query gradients")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_lds_command)
 
 
@@ -137,12 +136,10 @@ def _parse_scores(specs: list[str], num_test: int, num_train: int) -> dict:
 
 
 def run_lds_command(args: argparse.Namespace) -> int:
-    import torch
 
     from retrac._io import atomic_write_json
     from retrac.data import load_dataset
     from retrac.demo import DemoConfig
-    from retrac.errors import ConfigError
     from retrac.lds import (
         CommandTrainer,
         DemoTrainer,
@@ -157,10 +154,6 @@ def run_lds_command(args: argparse.Namespace) -> int:
     )
     from retrac.query.attribution import QueryEvents
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads {args.threads} must be at least 1.")
-        torch.set_num_threads(args.threads)
     progress = not (args.no_progress or args.json)
     data = load_dataset(args.data)
     test = load_dataset(args.test)
@@ -176,6 +169,7 @@ def run_lds_command(args: argparse.Namespace) -> int:
                 learning_rate=args.learning_rate,
                 num_checkpoints=1,
             ),
+            device=args.device,
         )
     loss_timesteps, loss_noise = parse_loss_events(args.loss_events)
     config = LDSConfig(args.subsets, args.alpha, args.seed, loss_timesteps, loss_noise, args.loss_seed)

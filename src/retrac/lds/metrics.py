@@ -208,6 +208,40 @@ def random_scores(num_test: int, num_train: int, seed: int = 0) -> np.ndarray:
     return rng.standard_normal((num_test, num_train))
 
 
+def attributor_scores(
+    attributor, images: Tensor, class_labels: Tensor | None = None, methods: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Scores of every training sample for each query, from the indexes an ``Attributor`` has loaded.
+
+    Each index is searched for all ``N`` training rows (exact with a ``flat`` index) and the scores
+    are put back in training-row order; the query gradients are computed once for all methods.
+
+    Args:
+        attributor: a :class:`~retrac.query.attribution.Attributor`.
+        images: ``(n, C, H, W)`` test images.
+        methods: the loaded methods to score (default all).
+
+    Returns:
+        ``{method: (n, N) float64}``; ``I(z, z') = sum_k w_k <u_k(z), q_k(z')>``, positive = proponent.
+
+    Raises:
+        ConfigError: an approximate index that does not return every training row; build it flat.
+    """
+    num_train = len(attributor.train_ids)
+    out = {}
+    for method in methods or attributor.methods:
+        result = attributor.attribute(images, k=num_train, method=method, class_labels=class_labels)
+        if not (np.sort(result.indices, axis=1) == np.arange(num_train)).all():
+            raise ConfigError(
+                f"the {method} index did not return every training row (approximate search); build it with "
+                "index='flat' (retrac build --kind flat) to score every training sample."
+            )
+        dense = np.empty((result.indices.shape[0], num_train), dtype=np.float64)
+        np.put_along_axis(dense, result.indices, result.scores.astype(np.float64), axis=1)
+        out[method] = dense
+    return out
+
+
 def index_scores(
     indexes: Sequence[str | Path] | str | Path,
     images: Tensor,
@@ -218,37 +252,19 @@ def index_scores(
     device: str = "cpu",
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Scores of every training sample for each query, from each attribution index.
-
-    Each index is searched for all ``N`` training rows (exact with a ``flat`` index), and the scores
-    are put back in training-row order.
+    """:func:`attributor_scores` of index folders built from one store (``index="flat"``).
 
     Args:
-        indexes: index folders built from one store (``build_attribution_index(..., index="flat")``).
+        indexes: index folders (``build_attribution_index(..., index="flat")``), one per method.
         images: ``(n, C, H, W)`` test images.
         query_events: :class:`~retrac.query.attribution.QueryEvents` (default 10 x 2).
 
     Returns:
-        ``{method: (n, N) float64}``; ``I(z, z') = sum_k w_k <u_k(z), q_k(z')>``, positive = proponent.
-
-    Raises:
-        ConfigError: an approximate index that does not return every training row; build it flat.
+        ``{method: (n, N) float64}``, positive = proponent.
     """
     from retrac.query.attribution import Attributor, QueryEvents
 
     attributor = Attributor(
         indexes, store=store, query_events=query_events or QueryEvents(), device=device, progress=progress
     )
-    num_train = len(attributor.train_ids)
-    out = {}
-    for method in attributor.methods:
-        result = attributor.attribute(images, k=num_train, method=method, class_labels=class_labels)
-        if not (np.sort(result.indices, axis=1) == np.arange(num_train)).all():
-            raise ConfigError(
-                f"the {method} index did not return every training row (approximate search); build it with "
-                "index='flat' (retrac build --index flat) to score every training sample."
-            )
-        dense = np.empty((result.indices.shape[0], num_train), dtype=np.float64)
-        np.put_along_axis(dense, result.indices, result.scores.astype(np.float64), axis=1)
-        out[method] = dense
-    return out
+    return attributor_scores(attributor, images, class_labels)

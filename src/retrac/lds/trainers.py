@@ -68,14 +68,17 @@ class DemoTrainer:
         data: the full training set; subsets index its rows.
         config: the recipe (default :class:`~retrac.demo.DemoConfig` with one checkpoint: only the
             final model is measured).
+        device: torch device of the training (not recorded in the manifest).
     """
 
-    def __init__(self, data: ImageDataset, config: DemoConfig | None = None) -> None:
+    def __init__(self, data: ImageDataset, config: DemoConfig | None = None, device: str = "cpu") -> None:
         self.data = data
         self.config = config or DemoConfig(num_checkpoints=1)
+        self.device = device
 
     def __call__(self, subset_indices: np.ndarray, out_dir: Path) -> None:
-        train_ddpm(self.data.subset(np.asarray(subset_indices)), self.config, out_dir, progress=False)
+        subset = self.data.subset(np.asarray(subset_indices))
+        train_ddpm(subset, self.config, out_dir, progress=False, device=self.device)
 
     def to_dict(self) -> dict:
         return {"kind": "demo", "config": asdict(self.config)}
