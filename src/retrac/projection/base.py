@@ -138,7 +138,7 @@ class Projector(ABC):
         x_t: Tensor,
         timesteps: Tensor,
         target: Tensor,
-        class_labels: Tensor | None = None,
+        conditioning: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Projected per-sample gradients of ``task``'s objective, one row per event.
 
@@ -147,7 +147,8 @@ class Projector(ABC):
             x_t: ``(R, C, H, W)`` noisy inputs on ``task.device``.
             timesteps: ``(R,)`` int64 timesteps.
             target: ``(R, C, H, W)`` prediction targets (ignored by ``sqnorm``).
-            class_labels: ``(R,)`` int64 labels for a class-conditional model, else ``None``.
+            conditioning: ``(R,)`` int64 labels for a class-conditional model, ``(R, L, D)``
+                encoder_hidden_states for a text model, else ``None``.
 
         Returns:
             ``(features, norms)``: ``(R, d)`` float32 ``phi_k`` and ``(R,)`` float32 ``n_k``, on
@@ -172,8 +173,8 @@ class Projector(ABC):
 class GradientProjector(Projector):
     """A projector that forms per-sample gradients ``(R, P)`` and projects them: ``n_k`` is exact."""
 
-    def featurize_rows(self, task, x_t, timesteps, target, class_labels=None):
-        grads = flat_per_sample_gradients(task, x_t, timesteps, target, class_labels)  # (R, P)
+    def featurize_rows(self, task, x_t, timesteps, target, conditioning=None):
+        grads = flat_per_sample_gradients(task, x_t, timesteps, target, conditioning)  # (R, P)
         norms = torch.linalg.vector_norm(grads, dim=1)  # n_k(z, e) = ||grad l(theta_k; z, e)||
         return self.project(grads), norms
 

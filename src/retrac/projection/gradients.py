@@ -66,9 +66,9 @@ def flat_per_sample_gradients(
     x_t: Tensor,
     timesteps: Tensor,
     target: Tensor,
-    class_labels: Tensor | None = None,
+    conditioning: Tensor | None = None,
 ) -> Tensor:
-    """Per-sample gradients ``grad_theta l(theta; x_t, t)`` of the task's objective, flattened.
+    """Per-sample gradients ``grad_theta l(theta; x_t, t, c)`` of the task's objective, flattened.
 
     The building block of gradient-forming projectors; callers want :func:`projected_gradients`.
 
@@ -77,7 +77,8 @@ def flat_per_sample_gradients(
         x_t: ``(R, C, H, W)`` noisy inputs on ``task.device``.
         timesteps: ``(R,)`` int64 timesteps.
         target: ``(R, C, H, W)`` prediction targets.
-        class_labels: ``(R,)`` int64 labels, or ``None`` for an unconditional model.
+        conditioning: ``(R,)`` int64 labels, ``(R, L, D)`` encoder_hidden_states, or ``None`` for
+            an unconditional model.
 
     Returns:
         ``(R, P)`` float32: the gradients concatenated in ``task.parameter_names`` order, each
@@ -90,16 +91,16 @@ def flat_per_sample_gradients(
     fixed = {name: p.detach() for name, p in model.named_parameters() if name not in selected}
     fixed.update(dict(model.named_buffers()))
 
-    def objective(params: dict[str, Tensor], x: Tensor, t: Tensor, tgt: Tensor, label: Tensor | None):
-        # l(theta; z, e) at one event: the model sees a batch of one
-        labels = None if label is None else label[None]
-        out = functional_call(model, (params, fixed), (x[None], t[None]), {"class_labels": labels}).sample
+    def objective(params: dict[str, Tensor], x: Tensor, t: Tensor, tgt: Tensor, c: Tensor | None):
+        # l(theta; z, e) at one event: the model sees a batch of one, called as task.model_output calls it
+        args, kwargs = task.spec.inputs(x[None], t[None], None if c is None else c[None])
+        out = task.spec.prediction(functional_call(model, (params, fixed), args, kwargs))
         return task.objective_from_output(out, tgt[None])[0]
 
-    label_dim = None if class_labels is None else 0
-    per_sample = vmap(grad(objective), in_dims=(None, 0, 0, 0, label_dim))
+    cond_dim = None if conditioning is None else 0
+    per_sample = vmap(grad(objective), in_dims=(None, 0, 0, 0, cond_dim))
     with vmap_friendly_attention(model), torch.enable_grad():
-        grads = per_sample(selected, x_t, timesteps, target, class_labels)
+        grads = per_sample(selected, x_t, timesteps, target, conditioning)
     rows = x_t.shape[0]
     return torch.cat([grads[name].reshape(rows, -1).float() for name in selected], dim=1)
 
@@ -115,7 +116,7 @@ def projected_gradients(
     images: Tensor,
     timesteps: Tensor,
     noise: Tensor,
-    class_labels: Tensor | None = None,
+    conditioning: Tensor | None = None,
     sample_ids: Sequence[str] | None = None,
     valid: Tensor | None = None,
     max_rows: int | None = None,
@@ -131,10 +132,13 @@ def projected_gradients(
     Args:
         task: model at checkpoint ``k``, scheduler, objective (``loss`` / ``l1`` / ``sqnorm``).
         projector: ``P_k`` (from :func:`retrac.projection.make_projector` or ``FeatureStore.projector``).
-        images: ``(B, C, H, W)`` clean samples in ``[-1, 1]``.
+        images: ``(B, C, H, W)`` clean samples ``x``: pixels in ``[-1, 1]``, or scaled latents for
+            a latent model (``task.encode_images``).
         timesteps: ``(B, S)`` integer timesteps in ``[0, T)`` (any value in invalid slots).
         noise: ``(B, S, C, H, W)`` noise ``eps`` per event.
-        class_labels: ``(B,)`` labels for a class-conditional model; ignored by an unconditional one.
+        conditioning: ``(B,)`` labels for a class-conditional model, ``(B, L, D)``
+            encoder_hidden_states for a text model (``task.encode_prompts``); ignored by an
+            unconditional one.
         sample_ids: ``B`` ids used in error messages (default: row numbers).
         valid: ``(B, S)`` bool; rows with ``False`` are skipped and get zero features and norms.
         max_rows: rows per ``vmap`` chunk (bounds memory; default from the parameter count).
@@ -146,7 +150,7 @@ def projected_gradients(
         DataError: shapes that do not fit, images outside ``[-1, 1]``, timesteps outside ``[0, T)``.
         GradientError: a NaN or infinite gradient; the message names the sample id and event index.
     """
-    task.check_images(images)
+    task.check_samples(images, "images")
     if timesteps.ndim != 2 or timesteps.shape[0] != images.shape[0]:
         raise DataError(
             f"timesteps have shape {tuple(timesteps.shape)}, expected (B, S) = ({images.shape[0]}, S): "
@@ -172,8 +176,8 @@ def projected_gradients(
         task.check_timesteps(flat_t)
     flat_x = images.to(device).repeat_interleave(S, dim=0)[rows.to(device)]
     flat_noise = noise.reshape(B * S, *images.shape[1:]).to(device)[rows.to(device)]
-    labels = task.conditioning(class_labels, B)
-    flat_labels = None if labels is None else labels.to(device).repeat_interleave(S)[rows.to(device)]
+    cond = task.conditioning(conditioning, B)
+    flat_cond = None if cond is None else cond.to(device).repeat_interleave(S, dim=0)[rows.to(device)]
     x_t, target = task.noisy_inputs(flat_x, flat_t, flat_noise)
 
     features = torch.zeros((B * S, projector.dim), dtype=torch.float32)
@@ -182,7 +186,7 @@ def projected_gradients(
     for start in range(0, rows.numel(), chunk):
         part = slice(start, start + chunk)
         feats, norm = projector.featurize_rows(
-            task, x_t[part], flat_t[part], target[part], None if flat_labels is None else flat_labels[part]
+            task, x_t[part], flat_t[part], target[part], None if flat_cond is None else flat_cond[part]
         )
         feats, norm = feats.float().cpu(), norm.float().cpu()
         # a NaN or inf anywhere in grad (or in phi, for projected norms) makes its norm non-finite

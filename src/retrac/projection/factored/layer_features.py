@@ -9,8 +9,9 @@ ones-column appended to ``x``), and the layer's block is
 from ``A x`` (taken in the forward pass by :func:`forward_features`; for a convolution, a
 convolution with ``A`` as its kernel) and ``B g`` (in the backward pass, :func:`layer_features`),
 without forming ``G``, unless forming it is cheaper (:func:`forms_gradient`), which gives the
-same features up to float rounding and the exact norm for free. GroupNorm parameters are kept
-whole: ``sum_p g_p xhat_p`` and ``sum_p g_p`` per channel.
+same features up to float rounding and the exact norm for free. GroupNorm and LayerNorm
+parameters are kept whole: ``sum_p g_p xhat_p`` and ``sum_p g_p`` per channel (``xhat`` the
+normalised input before the affine map; channels on axis 1 for GroupNorm, last for LayerNorm).
 
 Norms: ``||G||_F^2`` from the Gram form ``sum_{p,q} (g_p . g_q)(x_p . x_q)`` when positions are
 few, else by forming ``G`` a few rows at a time (:func:`exact_sq_norm`); with ``norms="auto"``,
@@ -77,9 +78,11 @@ def forms_gradient(layer: FactoredLayer, module: nn.Module, x: Tensor) -> bool:
 
 
 def forward_features(layer: FactoredLayer, module: nn.Module, x: Tensor, mats: dict) -> Tensor | None:
-    """``A x'`` per position: ``(R, Pos, k_in)`` (linear) or ``(R, k_in, L)`` (conv); GroupNorm ``xhat``."""
+    """``A x'`` per position: ``(R, Pos, k_in)`` (linear) or ``(R, k_in, L)`` (conv); norms' ``xhat``."""
     if layer.kind == "groupnorm":
         return F.group_norm(x, module.num_groups, eps=module.eps)  # xhat, (R, C, ...)
+    if layer.kind == "layernorm":
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)  # xhat, (R, ..., C)
     a, _ = mats[layer.module]
     rows = x.shape[0]
     if forms_gradient(layer, module, x):
@@ -131,6 +134,15 @@ def layer_features(
             parts.append((g * ax.reshape(rows, layer.out_dim, -1)).sum(dim=2))  # sum_p g_p xhat_p
         if layer.bias is not None:
             parts.append(g.sum(dim=2))  # sum_p g_p
+        block = torch.cat(parts, dim=1)
+        return block, (block.pow(2).sum(dim=1) if exact else None)
+    if layer.kind == "layernorm":
+        parts = []
+        g = g.reshape(rows, -1, layer.out_dim)
+        if layer.weight is not None:
+            parts.append((g * ax.reshape(rows, -1, layer.out_dim)).sum(dim=1))  # sum_p g_p xhat_p
+        if layer.bias is not None:
+            parts.append(g.sum(dim=1))  # sum_p g_p
         block = torch.cat(parts, dim=1)
         return block, (block.pow(2).sum(dim=1) if exact else None)
     if ax is None:  # G formed (see forms_gradient): its norm is exact at no extra cost

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from retrac.events import derive_seed
-from retrac.projection.factored.planning import FactoredLayer
+from retrac.projection.factored.planning import NORM_KINDS, FactoredLayer
 
 __all__ = ["SPARSE_NONZEROS", "apply_second_stage", "build_matrices", "gaussian"]
 
@@ -37,7 +37,7 @@ def build_matrices(
     """``A``, ``B`` per layer and the second stage, generated on the CPU and moved to ``device``.
 
     Args:
-        layers: the planned layers (GroupNorm layers get no matrices: they are kept whole).
+        layers: the planned layers (GroupNorm / LayerNorm layers get no matrices: they are kept whole).
         seed: the seed of ``P_k``.
         stage1_dim: ``D1``, the stage-1 size.
         dim: ``d``.
@@ -51,7 +51,7 @@ def build_matrices(
     """
     mats: dict = {}
     for layer in layers:
-        if layer.kind == "groupnorm":
+        if layer.kind in NORM_KINDS:
             continue
         a = None if layer.identity_in else gaussian(seed, layer.k_in, layer.in_dim, layer.module, "A")
         b = None if layer.identity_out else gaussian(seed, layer.k_out, layer.out_dim, layer.module, "B")

@@ -1,8 +1,9 @@
 """Which layers the factored projector hooks, and where each one's block sits in the stage-1 features.
 
-Covered: ``nn.Linear``, ``nn.Conv2d`` (one group, zero padding given as numbers) and
-``nn.GroupNorm``. Any other selected parameter (an embedding table, a grouped convolution) is not
-covered; :func:`plan_layers` names it so that the projector can report it.
+Covered: ``nn.Linear``, ``nn.Conv2d`` (one group, zero padding given as numbers), ``nn.GroupNorm``
+and ``nn.LayerNorm`` over the last axis (the transformer blocks of ``UNet2DConditionModel`` and
+DiTs). Any other selected parameter (an embedding table, a grouped convolution) is not covered;
+:func:`plan_layers` names it so that the projector can report it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from torch import nn
 
 from retrac.task import DiffusionTask
 
-__all__ = ["DEFAULT_LAYER_DIM", "FactoredLayer", "covered_kind", "plan_layers"]
+__all__ = ["DEFAULT_LAYER_DIM", "NORM_KINDS", "FactoredLayer", "covered_kind", "plan_layers"]
+
+NORM_KINDS = ("groupnorm", "layernorm")  # kept whole: per-channel weight and bias, no A or B
 
 DEFAULT_LAYER_DIM = 128  # k_in = min(I, 128), k_out = min(O, 128): at most 16384 stage-1 entries per layer
 
@@ -24,16 +27,16 @@ class FactoredLayer:
 
     Attributes:
         module: the module's name in ``model.named_modules()``.
-        kind: ``"linear"``, ``"conv"`` or ``"groupnorm"``.
+        kind: ``"linear"``, ``"conv"``, ``"groupnorm"`` or ``"layernorm"``.
         weight: the selected weight's parameter name, or ``None``.
         bias: the selected bias's parameter name, or ``None``.
         in_dim: ``I'``: unfolded input size (``C kh kw`` or ``in_features``) if the weight counts,
-            plus 1 if the bias counts (the ones-column); for GroupNorm the channel count.
+            plus 1 if the bias counts (the ones-column); for GroupNorm / LayerNorm the channel count.
         out_dim: ``O``.
         k_in: rows of ``A`` (``in_dim`` when ``A`` is the identity).
         k_out: rows of ``B`` (``out_dim`` when ``B`` is the identity).
         offset: first stage-1 column of this layer; it spans ``k_out * k_in`` columns (row-major
-            ``(k_out, k_in)``), for GroupNorm ``[weight (C), bias (C)]`` as selected.
+            ``(k_out, k_in)``), for GroupNorm / LayerNorm ``[weight (C), bias (C)]`` as selected.
         size: number of stage-1 columns.
     """
 
@@ -70,6 +73,8 @@ def covered_kind(module: nn.Module) -> str | None:
         return "conv"
     if isinstance(module, nn.GroupNorm):
         return "groupnorm"
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return "layernorm"
     return None
 
 
@@ -93,7 +98,11 @@ def plan_layers(task: DiffusionTask, layer_dim: int | None) -> tuple[list[Factor
         if kind is None:
             continue
         prefix = f"{name}." if name else ""
-        weight = f"{prefix}weight" if module.weight is not None and f"{prefix}weight" in selected else None
+        weight = (
+            f"{prefix}weight"
+            if getattr(module, "weight", None) is not None and f"{prefix}weight" in selected
+            else None
+        )
         bias = (
             f"{prefix}bias"
             if getattr(module, "bias", None) is not None and f"{prefix}bias" in selected
@@ -101,8 +110,8 @@ def plan_layers(task: DiffusionTask, layer_dim: int | None) -> tuple[list[Factor
         )
         if weight is None and bias is None:
             continue
-        if kind == "groupnorm":
-            channels = module.num_channels
+        if kind in NORM_KINDS:
+            channels = module.num_channels if kind == "groupnorm" else module.normalized_shape[0]
             size = channels * ((weight is not None) + (bias is not None))
             layer = FactoredLayer(
                 name, kind, weight, bias, channels, channels, channels, channels, offset, size

@@ -10,7 +10,7 @@ entries) and optionally compressed to exactly ``d`` by a seeded second stage (Fa
 input coordinate, rows balanced) or a dense Gaussian one. ``E <P g, P g'> = <g, g'>`` holds for
 every stage.
 
-GroupNorm parameters are covered exactly. Any other selected parameter (an embedding table, a
+GroupNorm and LayerNorm parameters are covered exactly. Any other selected parameter (an embedding table, a
 grouped convolution) is *not covered*: it is left out of the features and norms and reported,
 with its share of the parameters, in :meth:`FactoredProjector.to_dict`.
 
@@ -33,7 +33,7 @@ from retrac.errors import ConfigError, GradientError
 from retrac.projection.base import Projector, register_projector
 from retrac.projection.factored.layer_features import forward_features, layer_features
 from retrac.projection.factored.matrices import SPARSE_NONZEROS, apply_second_stage, build_matrices
-from retrac.projection.factored.planning import DEFAULT_LAYER_DIM, FactoredLayer, plan_layers
+from retrac.projection.factored.planning import DEFAULT_LAYER_DIM, NORM_KINDS, FactoredLayer, plan_layers
 from retrac.task import DiffusionTask
 
 __all__ = ["FACTORED_NORMS", "FACTORED_SECOND_STAGES", "MAX_FACTORED_ROWS", "FactoredProjector"]
@@ -206,7 +206,7 @@ class FactoredProjector(Projector):
         return self._matrices[key]
 
     # ------------------------------------------------------------------ featurization
-    def featurize_rows(self, task, x_t, timesteps, target, class_labels=None):
+    def featurize_rows(self, task, x_t, timesteps, target, conditioning=None):
         rows = x_t.shape[0]
         device = x_t.device
         mats = self._device_matrices(device)
@@ -230,31 +230,29 @@ class FactoredProjector(Projector):
         handles = [modules[layer.module].register_forward_hook(hook(layer)) for layer in self.layers]
         try:
             with torch.enable_grad():
-                out = task.model_output(x_t, timesteps, class_labels)
+                out = task.model_output(x_t, timesteps, conditioning)
                 # rows do not interact, so d(sum_r l_r) / d(activations of row r) = row r's output gradient
                 loss = task.objective_from_output(out, target).sum()
                 grads = torch.autograd.grad(loss, [c[1] for c in calls], allow_unused=True)
         finally:
             for handle in handles:
                 handle.remove()
-        seen = set()
         stage1 = torch.zeros((rows, self.stage1_dim), dtype=torch.float32, device=device)
         sq_norms = torch.zeros(rows, dtype=torch.float64, device=device)
         grads = list(grads)
-        for i in range(len(calls)):
-            layer, output, x, ax = calls[i]
-            g = grads[i]
-            calls[i] = grads[i] = None  # free each layer's tensors once used
-            if g is None:
-                g = torch.zeros_like(output)
-            if layer.module in seen and self.norms != "projected":
-                raise GradientError(
-                    f"module {layer.module!r} runs more than once per forward pass; exact factored norms need "
-                    "one call per module: use norms='projected' or --projector dense."
-                )
-            seen.add(layer.module)
+        by_module: dict[str, list[int]] = {}  # the calls of each module, in call order
+        for i, call in enumerate(calls):
+            by_module.setdefault(call[0].module, []).append(i)
+        for name, indices in by_module.items():
+            layer, module = calls[indices[0]][0], modules[name]
+            parts = []
+            for i in indices:
+                _, output, x, ax = calls[i]
+                g = grads[i] if grads[i] is not None else torch.zeros_like(output)
+                parts.append((x, ax, g.detach()))
+                calls[i] = grads[i] = None  # free each layer's tensors once used
             with torch.no_grad():
-                block, sq = layer_features(layer, modules[layer.module], x, ax, g.detach(), mats, self.norms)
+                block, sq = self._module_block(layer, module, parts, mats)
                 stage1[:, layer.offset : layer.offset + layer.size] += block
                 if sq is not None:
                     sq_norms += sq.double()
@@ -265,3 +263,32 @@ class FactoredProjector(Projector):
             else:
                 norms = sq_norms.sqrt().float()
         return features, norms
+
+    def _module_block(
+        self, layer: FactoredLayer, module, parts: list[tuple[Tensor, Tensor | None, Tensor]], mats: dict
+    ) -> tuple[Tensor, Tensor | None]:
+        """One module's stage-1 block and squared norm from its calls ``(x, Ax, g)`` in one forward pass.
+
+        A module called more than once (DiT recomputes block 0's conditioning embedding for its output
+        layer) has the sum of its calls' gradients ``G = sum_calls sum_p g_p x_p^T``. A linear layer's
+        calls are its positions laid end to end, so the exact norm covers the sum; GroupNorm / LayerNorm
+        blocks are ``G`` itself, so they are summed before the norm is taken.
+        """
+        if len(parts) == 1:
+            x, ax, g = parts[0]
+            return layer_features(layer, module, x, ax, g, mats, self.norms)
+        if self.norms == "projected" or layer.kind in NORM_KINDS:
+            block = sum(layer_features(layer, module, x, ax, g, mats, "projected")[0] for x, ax, g in parts)
+            exact_block = layer.kind in NORM_KINDS and self.norms != "projected"
+            return block, (block.pow(2).sum(dim=1) if exact_block else None)
+        if layer.kind == "linear":
+            rows = parts[0][0].shape[0]
+            x = torch.cat([x.reshape(rows, -1, module.in_features) for x, _, _ in parts], dim=1)
+            g = torch.cat([g.reshape(rows, -1, module.out_features) for _, _, g in parts], dim=1)
+            return layer_features(
+                layer, module, x, forward_features(layer, module, x, mats), g, mats, self.norms
+            )
+        raise GradientError(
+            f"module {layer.module!r} runs more than once per forward pass; exact factored norms of a convolution "
+            "need one call per module: use norms='projected' or --projector dense."
+        )
