@@ -46,6 +46,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -54,16 +55,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrac._io import atomic_save_npy, atomic_write_json, atomic_write_text
+from retrac._io import atomic_save_npy, atomic_save_npz, atomic_write_json, atomic_write_text
 from retrac.checkpoints import load_scheduler, load_unet
 from retrac.data import ImageDataset, load_dataset
 from retrac.demo import DemoConfig, split_digits
 from retrac.events import derive_seed
 from retrac.indexer import IndexConfig, featurize_dataset
-from retrac.lds import DemoTrainer, LDSConfig, LDSRun, counterfactual_check, index_scores, lds_score
+from retrac.lds import DemoTrainer, LDSConfig, LDSRun, attributor_scores, counterfactual_check, lds_score
 from retrac.lds.metrics import pixel_scores, random_scores
-from retrac.query.attribution import QueryEvents, build_attribution_index
-from retrac.query.vectors import Method
+from retrac.lds.run import images_sha256
+from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
+from retrac.query.vectors import KernelAccumulator, Method, query_vectors, train_vectors
 from retrac.sampling import generate_images
 
 FAMILIES = ("tracin", "retrac", "trak", "dtrak", "retrac+kernel")
@@ -141,64 +143,128 @@ def validation_split(num_heldout: int, num_generated: int, seed: int) -> tuple[n
 # ------------------------------------------------------------------------------------------ scores
 
 
-def method_variants(kernel_cs: list[float]) -> dict[str, list[tuple[str, Method]]]:
-    """Index name and Method of every variant of each family on the loss store (dtrak: sqnorm store)."""
+def variant_names(kernel_cs: list[float]) -> dict[str, list[tuple[str, str, float | None]]]:
+    """``{family: [(variant name, vector kind, kernel c or None)]}``; dtrak's come from the sqnorm store."""
     return {
-        "tracin": [("tracin", Method.named("tracin"))],
-        "retrac": [("retrac", Method.named("retrac"))],
-        "trak": [(f"trak-c{c:g}", Method(f"trak-c{c:g}", "tracin", c)) for c in kernel_cs],
-        "retrac+kernel": [
-            (f"retrac+kernel-c{c:g}", Method(f"retrac+kernel-c{c:g}", "retrac", c)) for c in kernel_cs
-        ],
-        "dtrak": [(f"dtrak-c{c:g}", Method("dtrak", "tracin", c)) for c in kernel_cs],
+        "tracin": [("tracin", "tracin", None)],
+        "retrac": [("retrac", "retrac", None)],
+        "trak": [(f"trak-c{c:g}", "tracin", c) for c in kernel_cs],
+        "retrac+kernel": [(f"retrac+kernel-c{c:g}", "retrac", c) for c in kernel_cs],
+        "dtrak": [(f"dtrak-c{c:g}", "tracin", c) for c in kernel_cs],
     }
+
+
+def exact_scores(store, features: list[np.ndarray], variants: list[tuple[str, str, float | None]]) -> dict:
+    """``{variant: (n, N)}`` scores ``I(z, z') = sum_k w_k <u_k(z), q_k(z')>`` (kernel: ``q_k <-
+    (Phi_k^T Phi_k + lambda_k I)^-1 q_k``, ``lambda_k = c mean ||u_k||^2``) from one set of query features.
+
+    Computed in float64 with retrac's own ``train_vectors`` / ``query_vectors`` / ``KernelAccumulator``,
+    the functions ``build_attribution_index`` and ``Attributor`` use, so that every kernel ``c`` and
+    vector kind shares one query-gradient pass; checked against the index path (``check_scores``).
+    """
+    n = features[0].shape[0]
+    out = {name: np.zeros((n, store.num_samples)) for name, _, _ in variants}
+    ids = store.ids
+    for k, weight in enumerate(store.weights):
+        for kind in {kind for _, kind, _ in variants}:
+            u = np.concatenate(
+                [
+                    train_vectors(b.features, b.norms, kind, b.valid, ids[b.start : b.stop])
+                    for b in store.blocks(k)
+                ]
+            ).astype(np.float64)  # (N, d) u_k(z)
+            q = query_vectors(features[k], kind).astype(np.float64)  # (n, d) q_k(z')
+            gram = KernelAccumulator(store.dim)
+            gram.add(u)
+            for name, vector_kind, c in variants:
+                if vector_kind != kind:
+                    continue
+                q_c = q if c is None else q @ gram.preconditioner(c)[0].T
+                out[name] += weight * q_c @ u.T
+    return out
+
+
+def check_scores(name: str, fast: np.ndarray, reference: np.ndarray) -> float:
+    """The largest difference of the fast scores from the index path's, relative to the largest score."""
+    error = float(np.abs(fast - reference).max() / np.abs(reference).max())
+    if error > 1e-3:
+        raise RuntimeError(f"{name}: exact scores differ from the index path by {error:.2e} (relative)")
+    return error
+
+
+def features_key(store, events: QueryEvents, images: torch.Tensor) -> str:
+    """What a store's query features depend on: projectors, checkpoints, objective, events, images."""
+    record = {
+        "projectors": store.attrs["projectors"],
+        "checkpoints": [c.sha256 for c in store.checkpoints],
+        "objective": store.config.objective,
+        "events": events.to_dict(),
+        "images": images_sha256(images),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def setting_scores(
     args, out: Path, setting: Setting, checkpoints: list[str], pool: ImageDataset, images: torch.Tensor
 ) -> dict[str, dict[str, np.ndarray]]:
-    """``{family: {variant: (n_test, N) scores}}`` of one setting, cached in ``out/scores/SETTING``."""
+    """``{family: {variant: (n_test, N) scores}}`` of one setting, cached in ``out/scores/SETTING``.
+
+    Per objective (``loss``; ``sqnorm`` for dtrak): featurize the pool, compute the query features
+    once (cached by what they depend on, so the ``S`` sweep shares them), score every variant with
+    :func:`exact_scores`; when the features are computed, one variant also goes through a flat index
+    and the ``Attributor`` (the path ``retrac lds --index`` takes) and must agree.
+    """
     folder = out / "scores" / setting.name
-    variants = method_variants(args.kernel_c)
-    wanted = [name for family in variants.values() for name, _ in family]
-    if not all((folder / f"{name}.npy").is_file() for name in wanted):
-        used = checkpoints if setting.checkpoints == "all" else checkpoints[-1:]
-        events = QueryEvents.preset(args.query_events, args.seed)
+    names = variant_names(args.kernel_c)
+    used = checkpoints if setting.checkpoints == "all" else checkpoints[-1:]
+    events = QueryEvents.preset(args.query_events, args.seed)
+    for objective, families in (("loss", [f for f in FAMILIES if f != "dtrak"]), ("sqnorm", ["dtrak"])):
+        variants = [v for f in families for v in names[f]]
+        if all((folder / f"{name}.npy").is_file() for name, _, _ in variants):
+            continue
         started = time.perf_counter()
-        for objective in ("loss", "sqnorm"):
-            names = (
-                [n for n, _ in variants["dtrak"]]
-                if objective == "sqnorm"
-                else [n for f in FAMILIES if f != "dtrak" for n, _ in variants[f]]
-            )
-            if all((folder / f"{name}.npy").is_file() for name in names):
-                continue
-            config = IndexConfig(
-                events=f"stratified:{setting.events}", dim=setting.dim, objective=objective, seed=args.seed
-            )
-            store = featurize_dataset(
-                used, pool, out / "stores" / f"{setting.name}-{objective}", config, progress=False
-            )
-            groups = (
-                [[v] for v in variants["dtrak"]]
-                if objective == "sqnorm"
-                else [[v for f in FAMILIES if f != "dtrak" for v in variants[f]]]
-            )  # dtrak variants share one name, so each needs its own Attributor
-            for group in groups:
-                if all((folder / f"{name}.npy").is_file() for name, _ in group):
-                    continue
-                directories = []
-                for name, method in group:
-                    directory = out / "indexes" / setting.name / name
-                    if not (directory / "manifest.json").is_file():
-                        build_attribution_index(store, directory, method, index="flat", progress=False)
-                    directories.append(directory)
-                scores = index_scores(directories, images, query_events=events)
-                for name, method in group:
-                    atomic_save_npy(folder / f"{name}.npy", scores[method.name])
-        emit({"stage": "scores", "setting": setting.name, "seconds": round(time.perf_counter() - started, 1)})
+        config = IndexConfig(
+            events=f"stratified:{setting.events}", dim=setting.dim, objective=objective, seed=args.seed
+        )
+        store = featurize_dataset(
+            used, pool, out / "stores" / f"{setting.name}-{objective}", config, progress=False
+        )
+        featurized = time.perf_counter()
+        cache = out / "query-features" / f"{features_key(store, events, images)}.npz"
+        reference = None
+        if cache.is_file():
+            with np.load(cache) as archive:
+                features = [archive[f"k{k}"] for k in range(store.num_checkpoints)]
+        else:
+            method = Method.named("dtrak") if objective == "sqnorm" else Method.named("tracin")
+            directory = out / "indexes" / setting.name / method.name
+            build_attribution_index(store, directory, method, index="flat", progress=False)
+            attributor = Attributor(directory, query_events=events, progress=False)
+            reference = (method, attributor_scores(attributor, images)[method.name])
+            features = attributor.query_features(images)
+            atomic_save_npz(cache, **{f"k{k}": f for k, f in enumerate(features)})
+        queried = time.perf_counter()
+        scores = exact_scores(store, features, variants)
+        record = {"stage": "scores", "setting": setting.name, "objective": objective}
+        if reference is not None:
+            method, matrix = reference
+            name = method.name if method.kernel_c is None else f"{method.name}-c{method.kernel_c:g}"
+            if name not in scores:  # dtrak's default c is not on the grid: score it too
+                scores.update(exact_scores(store, features, [(name, method.vectors, method.kernel_c)]))
+            record["max_relative_difference_to_index"] = check_scores(name, scores[name], matrix)
+        for name, _, _ in variants:
+            atomic_save_npy(folder / f"{name}.npy", scores[name])
+        record.update(
+            {
+                "featurize_s": round(featurized - started, 1),
+                "query_s": round(queried - featurized, 1),
+                "score_s": round(time.perf_counter() - queried, 1),
+            }
+        )
+        emit(record)
     return {
-        family: {name: np.load(folder / f"{name}.npy") for name, _ in v} for family, v in variants.items()
+        family: {name: np.load(folder / f"{name}.npy") for name, _, _ in variants}
+        for family, variants in names.items()
     }
 
 
