@@ -3,8 +3,11 @@
 Sources:
 
 * ``.npy``: an array ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``; ids are row numbers.
-* ``.npz``: key ``images`` (or the only array), optional ``labels`` ``(N,)`` and ``ids`` ``(N,)``.
-* a folder of PNG/JPEG files (sorted by name); ids are the file names.
+* ``.npz``: key ``images`` (or the only array), optional ``labels`` ``(N,)``, ``ids`` ``(N,)`` and
+  ``captions`` ``(N,)`` strings.
+* a folder of PNG/JPEG files (sorted by name); ids are the file names. A ``metadata.jsonl`` in
+  the folder gives captions the way diffusers' training scripts and ``datasets``' imagefolder read
+  them: one JSON object per line with ``file_name`` and ``text`` (or another caption column).
 
 ``uint8`` arrays are scaled by ``x / 127.5 - 1`` and ``uint16`` arrays (16-bit PNGs) by
 ``x / 32767.5 - 1``; float arrays must already lie in ``[-1, 1]``. Grayscale files of any bit depth
@@ -14,6 +17,7 @@ Sources:
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,8 @@ from retrac._io import atomic_save_npz
 from retrac.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+METADATA_FILE = "metadata.jsonl"  # the imagefolder convention: {"file_name": ..., "text": ...} per line
+CAPTION_COLUMN = "text"
 CHANNEL_COUNTS = (1, 3, 4)
 GRAY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # one-channel PIL modes
 
@@ -38,12 +44,14 @@ class ImageDataset:
         ids: ``N`` stable sample ids (file names or row numbers as strings).
         labels: ``(N,)`` int64 class labels, or ``None``.
         source: where the data came from.
+        captions: ``N`` captions for a text-conditioned model, or ``None``.
     """
 
     images: Tensor
     ids: list[str]
     labels: Tensor | None = None
     source: str = ""
+    captions: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -67,6 +75,19 @@ class ImageDataset:
             raise DataError(
                 f"{self.labels.shape[0]} labels for {self.images.shape[0]} images in {self.source}."
             )
+        if self.captions is not None:
+            self.captions = list(self.captions)
+            if len(self.captions) != self.images.shape[0]:
+                raise DataError(
+                    f"{len(self.captions)} captions for {self.images.shape[0]} images in {self.source}; "
+                    "give one caption per image."
+                )
+            for sample_id, caption in zip(self.ids, self.captions, strict=True):
+                if not isinstance(caption, str):
+                    raise DataError(
+                        f"sample {sample_id!r} in {self.source} has caption {caption!r}, not a string; give every "
+                        "image a caption (an empty string is the unconditional prompt)."
+                    )
         if not torch.isfinite(self.images).all():
             bad = int((~torch.isfinite(self.images)).flatten(1).any(1).nonzero()[0])
             raise DataError(
@@ -84,13 +105,15 @@ class ImageDataset:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the pixels, ids and labels: two data sets with equal fingerprints are the same."""
+        """sha256 of the pixels, ids, labels and captions: two data sets with equal fingerprints are the same."""
         digest = hashlib.sha256()
         digest.update(str(tuple(self.images.shape)).encode())
         digest.update(self.images.contiguous().numpy().tobytes())
         digest.update("\n".join(self.ids).encode())
         if self.labels is not None:
             digest.update(self.labels.numpy().astype(np.int64).tobytes())
+        if self.captions is not None:  # only then: data without captions keeps its fingerprint
+            digest.update(json.dumps(["captions", self.captions]).encode())
         return digest.hexdigest()
 
     def subset(self, rows) -> ImageDataset:
@@ -100,6 +123,7 @@ class ImageDataset:
             ids=[self.ids[i] for i in rows.tolist()],
             labels=None if self.labels is None else self.labels[rows],
             source=self.source,
+            captions=None if self.captions is None else [self.captions[i] for i in rows.tolist()],
         )
 
     def save_npz(self, path: str | Path) -> Path:
@@ -107,6 +131,8 @@ class ImageDataset:
         arrays = {"images": self.images.numpy().astype(np.float32), "ids": np.array(self.ids)}
         if self.labels is not None:
             arrays["labels"] = self.labels.numpy()
+        if self.captions is not None:
+            arrays["captions"] = np.array(self.captions, dtype=str)
         path = Path(path)
         if path.suffix != ".npz":  # as np.savez names it
             path = path.with_name(path.name + ".npz")
@@ -174,26 +200,75 @@ def _pixels(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def _load_folder(folder: Path) -> ImageDataset:
+def _load_folder(folder: Path, caption_column: str = CAPTION_COLUMN) -> ImageDataset:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(
             f"folder {str(folder)!r} holds no PNG or JPEG image; give a folder of images or an array file."
         )
-    return _read_image_files(files, str(folder))
+    data = _read_image_files(files, str(folder))
+    if (folder / METADATA_FILE).is_file():
+        captions = read_metadata_captions(folder / METADATA_FILE, caption_column)
+        missing = [f.name for f in files if f.name not in captions]
+        if missing:
+            raise DataError(
+                f"{str(folder / METADATA_FILE)!r} has no {caption_column!r} caption for {len(missing)} image(s), "
+                f'first {missing[0]!r}; add a line {{"file_name": {missing[0]!r}, "{caption_column}": "..."}}.'
+            )
+        data.captions = [captions[f.name] for f in files]
+        data.__post_init__()  # check the captions
+    return data
 
 
-def load_dataset(path: str | Path) -> ImageDataset:
-    """Load a data set from ``.npy``, ``.npz`` or a folder of PNG/JPEG images.
+def read_metadata_captions(path: Path, caption_column: str = CAPTION_COLUMN) -> dict[str, str]:
+    """``file_name -> caption`` from an imagefolder ``metadata.jsonl`` (one JSON object per line).
 
     Raises:
-        DataError: missing path, unknown format, empty data, NaN or out-of-range pixels.
+        DataError: a line that is not a JSON object with ``file_name`` and a string ``caption_column``,
+            or a file named twice; the line number is given.
+    """
+    captions: dict[str, str] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{str(path)!r} line {number} is not JSON ({exc.msg}).") from None
+            if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+                raise DataError(f'{str(path)!r} line {number} has no "file_name"; give one per line.')
+            caption = record.get(caption_column)
+            if not isinstance(caption, str):
+                raise DataError(
+                    f"{str(path)!r} line {number} ({record['file_name']!r}) has no string {caption_column!r} "
+                    f"caption (got {caption!r}); give every image a caption."
+                )
+            name = Path(record["file_name"]).name
+            if name in captions:
+                raise DataError(
+                    f"{str(path)!r} names {name!r} twice (line {number}); give one line per image."
+                )
+            captions[name] = caption
+    return captions
+
+
+def load_dataset(path: str | Path, caption_column: str = CAPTION_COLUMN) -> ImageDataset:
+    """Load a data set from ``.npy``, ``.npz`` or a folder of PNG/JPEG images.
+
+    Args:
+        path: the file or folder.
+        caption_column: the key of a folder's ``metadata.jsonl`` that holds the captions.
+
+    Raises:
+        DataError: missing path, unknown format, empty data, NaN or out-of-range pixels, a caption
+            missing for an image.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path {str(path)!r} does not exist.")
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, caption_column)
     source = str(path)
     try:
         if path.suffix == ".npy":
@@ -216,7 +291,10 @@ def load_dataset(path: str | Path) -> ImageDataset:
                 ids = (
                     [str(i) for i in archive["ids"]] if "ids" in keys else [str(i) for i in range(len(array))]
                 )
-            return ImageDataset(images_from_array(array, source), ids, labels, source=source)
+                captions = [str(c) for c in archive["captions"]] if "captions" in keys else None
+            return ImageDataset(
+                images_from_array(array, source), ids, labels, source=source, captions=captions
+            )
     except DataError:
         raise
     except Exception as exc:
