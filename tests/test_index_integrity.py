@@ -144,3 +144,222 @@ def test_an_index_that_cannot_reconstruct_falls_back_to_its_vector_source(vector
     )
     with pytest.raises(ConfigError, match="read 10 vectors, the index holds 300"):
         wrong.search(queries, N)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tampering: digests checked at load, the method re-derived from what was built
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny store (2 checkpoints, 3 shards) and its tracin, retrac and trak indexes."""
+    import torch
+
+    from conftest import make_scheduler, make_tiny_unet
+    from retrac.checkpoints import save_checkpoint
+    from retrac.data import ImageDataset
+    from retrac.indexer import IndexConfig, featurize_dataset
+    from retrac.query.attribution import build_attribution_index
+
+    root = tmp_path_factory.mktemp("tamper")
+    checkpoints = [
+        str(save_checkpoint(make_tiny_unet(seed=k), make_scheduler(), root / f"ckpt-{k}", 0.5, 10 * (k + 1)))
+        for k in range(2)
+    ]
+    generator = torch.Generator().manual_seed(4)
+    train = ImageDataset(torch.rand(10, 1, 8, 8, generator=generator) * 2 - 1, [f"z{i}" for i in range(10)])
+    train.save_npz(root / "train.npz")
+    config = IndexConfig(events="stratified:2", projector="dense", dim=16, shard_rows=4)
+    store = featurize_dataset(checkpoints, root / "train.npz", root / "store", config, progress=False)
+    for method in ("tracin", "retrac", "trak"):
+        build_attribution_index(store, root / method, method, index="flat", progress=False)
+    build_attribution_index(store, root / "retrac-hnsw", "retrac", index="hnsw", progress=False)
+    queries = torch.rand(2, 1, 8, 8, generator=generator) * 2 - 1
+    return {"root": root, "store": store.path, "queries": queries}
+
+
+def _copy(world, name: str, tmp_path):
+    import shutil
+
+    target = tmp_path / name
+    shutil.copytree(world["root"] / name, target)
+    return target
+
+
+def _edit_manifest(directory, reseal: bool, **changes) -> None:
+    """Edit manifest entries; with ``reseal``, also recompute the seal (a deliberate forgery)."""
+    import json
+
+    from retrac.query.index import manifest_seal
+
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key, value in changes.items():
+        manifest[key] = value
+    if reseal:
+        manifest["seal"] = manifest_seal(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _attributor(directory, **kwargs):
+    from retrac.query.attribution import Attributor
+
+    return Attributor(directory, progress=False, **kwargs)
+
+
+def test_the_manifest_records_digests_and_a_seal(world):
+    import json
+
+    from retrac._io import file_sha256
+    from retrac.query.index import INDEX_FORMAT_VERSION, manifest_seal
+
+    for name, files in (("tracin", ["index.faiss"]), ("trak", ["index.faiss", "kernel.npz"])):
+        directory = world["root"] / name
+        manifest = json.loads((directory / "manifest.json").read_text())
+        assert manifest["format_version"] == INDEX_FORMAT_VERSION == 2
+        assert sorted(manifest["digests"]) == sorted(files)
+        for file in files:
+            assert manifest["digests"][file]["sha256"] == file_sha256(directory / file)
+            assert manifest["digests"][file]["bytes"] == (directory / file).stat().st_size
+        assert manifest["seal"] == manifest_seal(manifest)
+        assert sorted(p.name for p in directory.iterdir()) == sorted([*files, "manifest.json"])
+    with np.load(world["root"] / "trak" / "kernel.npz") as kernel:
+        assert float(kernel["c"]) == 0.1  # the kernel file says which kernel it is
+
+
+def test_a_method_relabel_is_refused_even_with_a_recomputed_seal(world, tmp_path):
+    from retrac.errors import IndexDamagedError
+
+    relabelled = {"name": "retrac", "vectors": "retrac", "kernel_c": None}
+    naive = _copy(world, "tracin", tmp_path / "naive")
+    _edit_manifest(naive, reseal=False, method=relabelled)
+    with pytest.raises(IndexDamagedError, match="was edited after the index was built.*retrac build"):
+        _attributor(naive)
+    forged = _copy(world, "tracin", tmp_path / "forged")
+    _edit_manifest(forged, reseal=True, method=relabelled)
+    with pytest.raises(
+        IndexDamagedError, match=r"rows hold tracin vectors.*names method 'retrac'.*retrac build"
+    ):
+        _attributor(forged)
+    hnsw = _copy(world, "retrac-hnsw", tmp_path / "hnsw")  # HNSW rows are checked the same way
+    _edit_manifest(hnsw, reseal=True, method={"name": "tracin", "vectors": "tracin", "kernel_c": None})
+    with pytest.raises(IndexDamagedError, match="rows hold retrac vectors"):
+        _attributor(hnsw)
+
+
+def test_a_kernel_relabel_or_a_stray_kernel_file_is_refused(world, tmp_path):
+    import shutil
+
+    from retrac.errors import IndexDamagedError
+
+    trak = _copy(world, "trak", tmp_path)
+    _edit_manifest(trak, reseal=True, method={"name": "trak", "vectors": "tracin", "kernel_c": 0.5})
+    with pytest.raises(IndexDamagedError, match="kernel.npz with c=0.1"):
+        _attributor(trak)
+    dropped = _copy(world, "trak", tmp_path / "dropped")
+    _edit_manifest(dropped, reseal=True, method={"name": "tracin", "vectors": "tracin", "kernel_c": None})
+    with pytest.raises(IndexDamagedError, match="(not part of this index's build record|holds a kernel.npz)"):
+        _attributor(dropped)
+    stray = _copy(world, "tracin", tmp_path / "stray")
+    shutil.copy(world["root"] / "trak" / "kernel.npz", stray / "kernel.npz")
+    with pytest.raises(IndexDamagedError, match="not part of this index's build record"):
+        _attributor(stray)
+
+
+def _scale_row(index_file, row: np.ndarray, factor: float) -> None:
+    """Scale one stored vector inside a Flat index file, in place (same size)."""
+    data = index_file.read_bytes()
+    raw = np.ascontiguousarray(row, dtype=np.float32).tobytes()
+    assert data.count(raw) == 1
+    index_file.write_bytes(data.replace(raw, (row.astype(np.float32) * factor).tobytes()))
+
+
+def test_a_scaled_vector_or_a_changed_kernel_is_refused_at_load(world, tmp_path):
+    import faiss
+
+    from retrac.errors import IndexDamagedError
+    from retrac.query.index import load_index
+
+    scaled = _copy(world, "retrac", tmp_path / "scaled")
+    row = faiss.read_index(str(scaled / "index.faiss")).reconstruct(3)
+    _scale_row(scaled / "index.faiss", row, 50.0)
+    for load in (lambda: load_index(scaled), lambda: _attributor(scaled)):
+        with pytest.raises(
+            IndexDamagedError, match=r"index.faiss has sha256 .*retrac build --store .* --method retrac"
+        ):
+            load()
+    kernel = _copy(world, "trak", tmp_path / "kernel")
+    with np.load(kernel / "kernel.npz") as arrays:
+        changed = {name: arrays[name] for name in arrays.files}
+    changed["preconditioners"] = changed["preconditioners"] * 2
+    with open(kernel / "kernel.npz", "wb") as handle:
+        np.savez(handle, **changed)
+    with pytest.raises(IndexDamagedError, match="kernel.npz has (sha256|.* bytes)"):
+        _attributor(kernel)
+    missing = _copy(world, "trak", tmp_path / "missing")
+    (missing / "kernel.npz").unlink()
+    with pytest.raises(IndexDamagedError, match="kernel.npz is missing"):
+        _attributor(missing)
+
+
+def test_an_index_of_the_old_format_names_the_rebuild_command(world, tmp_path):
+    from retrac.errors import StoreMismatchError
+
+    old = _copy(world, "retrac", tmp_path)
+    _edit_manifest(old, reseal=False, format_version=1)
+    with pytest.raises(
+        StoreMismatchError, match=r"version 1; this retrac reads .* version 2.*retrac build --store"
+    ):
+        _attributor(old)
+
+
+def test_a_whole_index_answers_and_moves_freely(world, tmp_path):
+    moved = _copy(world, "retrac", tmp_path / "elsewhere")  # locations are not sealed
+    first = _attributor(world["root"] / "retrac").attribute(world["queries"], k=3)
+    second = _attributor(moved).attribute(world["queries"], k=3)
+    np.testing.assert_array_equal(first.indices, second.indices)
+    assert first.search_note is None
+
+
+def test_the_attributor_reports_how_a_short_search_was_filled(world):
+    attributor = _attributor(world["root"] / "retrac-hnsw")
+    reference = _attributor(world["root"] / "retrac").attribute(world["queries"], k=10)
+    result = attributor.attribute(world["queries"], k=10)  # k = N
+    assert (result.indices >= 0).all() and np.isfinite(result.scores).all()
+    np.testing.assert_allclose(result.scores, reference.scores, rtol=1e-5, atol=1e-6)
+    assert [sorted(row) for row in result.ids] == [sorted(f"z{i}" for i in range(10))] * 2
+    if result.search_note is not None:  # whether HNSW fills k = N by itself depends on the graph
+        assert "k=10" in result.search_note
+
+
+def test_retrac_verify_checks_an_index_folder(world, tmp_path, capsys):
+    from retrac.cli import main
+    from retrac.verify import verify_index
+
+    whole = verify_index(world["root"] / "trak")
+    assert whole.whole and whole.checked == 2 and not whole.notes, whole.lines()
+    forged = _copy(world, "tracin", tmp_path / "forged")
+    _edit_manifest(forged, reseal=True, method={"name": "retrac", "vectors": "retrac", "kernel_c": None})
+    naive = _copy(world, "tracin", tmp_path / "naive")
+    _edit_manifest(naive, reseal=False, kind="hnsw")
+    scaled = _copy(world, "retrac", tmp_path / "scaled")
+    import faiss
+
+    _scale_row(scaled / "index.faiss", faiss.read_index(str(scaled / "index.faiss")).reconstruct(0), 9.0)
+    for folder, where, phrase in (
+        (forged, "method", "rows hold tracin vectors"),
+        (naive, "manifest.json", "was edited after the index was built"),
+        (scaled, "index.faiss", "sha256"),
+    ):
+        report = verify_index(folder)
+        assert [p.where for p in report.problems] == [where], report.lines()
+        assert phrase in report.problems[0].message
+        assert report.remedy.startswith("rebuild it: retrac build --store")
+        capsys.readouterr()
+        assert main(["verify", str(folder), "--no-progress"]) == 2
+        out = capsys.readouterr().out
+        assert "is damaged" in out and "retrac build --store" in out
+    moved_store = _copy(world, "retrac", tmp_path / "no-store")
+    _edit_manifest(moved_store, reseal=True, store={"path": str(tmp_path / "gone"), "fingerprint": "x"})
+    report = verify_index(moved_store)
+    assert report.whole and any("not checked against the rows" in note for note in report.notes)

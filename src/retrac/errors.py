@@ -14,6 +14,7 @@ __all__ = [
     "StoreMismatchError",
     "StoreError",
     "StoreDamagedError",
+    "IndexDamagedError",
 ]
 
 
@@ -49,3 +50,10 @@ class StoreDamagedError(StoreError):
     """A store's data no longer matches the digests recorded when it was written (a changed, missing
     or truncated chunk, a forged ledger entry); the message names the checkpoint and the shard and
     the ``retrac index`` command that recomputes them."""
+
+
+class IndexDamagedError(DataError):
+    """An index folder no longer matches what was built: a file whose sha256 differs from the one its
+    manifest records (a changed, truncated or replaced ``index.faiss`` or ``kernel.npz``), an edited
+    manifest, or vectors of another method than the manifest names; the message names the file and
+    the ``retrac build`` command that rebuilds the index."""

@@ -3,7 +3,9 @@
 A store is whole when its ids match ``integrity.ids_sha256`` and every shard of every checkpoint has a
 ledger entry whose sha256 matches the shard's data (docs/design.md section 3); ledger files that name
 no shard of the store are never read and only noted. The check streams the store one shard at a
-time. An index folder is checked against the digests its manifest records, if it records any.
+time. An index folder is checked against the digests its manifest records (streamed), its manifest
+against its seal and format version, and, when its store is found, the method its manifest names against
+the vectors of its rows (``retrac.query.provenance``, docs/design.md section 6).
 
 Each kind of artifact has one verifier in ``VERIFIERS``: a function ``(path, progress) ->
 VerifyReport`` and a test of whether a path holds that kind; :func:`verify` picks the one that fits.
@@ -19,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from retrac._io import file_sha256, read_json
-from retrac.errors import ConfigError, DataError, StoreDamagedError
+from retrac.errors import ConfigError, DataError, IndexDamagedError, StoreDamagedError, StoreMismatchError
 from retrac.indexer.store import LEDGER_NAME, FeatureStore, checkpoint_group
 
 
@@ -140,9 +142,9 @@ def verify_index(path: str | Path, progress: bool = False) -> VerifyReport:
     manifest = read_json(directory / "manifest.json", "index manifest", DataError)
     if not isinstance(manifest, dict):
         raise DataError(f"{directory / 'manifest.json'} is not an index manifest (not a JSON object).")
-    report = VerifyReport(
-        "index", directory, remedy="rebuild the index with the same `retrac build` command."
-    )
+    from retrac.query.index import rebuild_command
+
+    report = VerifyReport("index", directory, remedy=rebuild_command(manifest, directory))
     files = {manifest.get("index_file", "index.faiss"): manifest.get("index_file_bytes")}
     if manifest.get("kernel"):
         files[manifest["kernel"].get("file", "kernel.npz")] = None
@@ -167,7 +169,44 @@ def verify_index(path: str | Path, progress: bool = False) -> VerifyReport:
             report.problems.append(
                 Problem(name, f"sha256 {actual[:12]}..., the manifest records {str(recorded)[:12]}...")
             )
+    if not report.problems:
+        _check_index_build(directory, manifest, report)
     return report
+
+
+def _check_index_build(directory: Path, manifest: dict, report: VerifyReport) -> None:
+    """The manifest's format and seal, a kernel file it does not list, and (when the store is here)
+    the method it names against the index's rows: the checks ``Attributor`` makes at load."""
+    from retrac.query.index import check_manifest, open_index
+    from retrac.query.provenance import KERNEL_FILENAME, derive_method
+
+    try:
+        check_manifest(directory, manifest)
+    except (StoreMismatchError, IndexDamagedError) as error:
+        report.problems.append(Problem("manifest.json", str(error).split(";")[0]))
+        return
+    if (directory / KERNEL_FILENAME).is_file() and KERNEL_FILENAME not in (manifest.get("digests") or {}):
+        report.problems.append(Problem(KERNEL_FILENAME, "not part of the build record (no digest)"))
+        return
+    recorded = manifest.get("store") if isinstance(manifest.get("store"), dict) else {}
+    try:
+        store = FeatureStore.open(recorded.get("path", ""))
+    except (DataError, OSError, TypeError):
+        report.notes.append(
+            f"its store {recorded.get('path')!r} is not readable here: the method was not checked against the rows"
+        )
+        return
+    if store.fingerprint != recorded.get("fingerprint"):
+        report.notes.append(
+            f"the store at {store.path} is another store: the method was not checked against the rows"
+        )
+        return
+    try:
+        derive_method(directory, manifest, open_index(directory, manifest, "cpu", mmap=True), store)
+    except (IndexDamagedError, StoreDamagedError) as error:
+        report.problems.append(Problem("method", str(error).split(": ", 1)[-1].split("; ")[0]))
+    except DataError as error:
+        report.problems.append(Problem(manifest.get("index_file", "index.faiss"), str(error).split(";")[0]))
 
 
 def _is_store(path: Path) -> bool:

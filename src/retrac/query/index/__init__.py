@@ -20,7 +20,8 @@ One module per responsibility, dependencies pointing one way (each imports only 
 * ``sample``: the training sample of IVF / PQ / SQ indexes, from streamed blocks;
 * ``calibrate``: default ``nprobe`` / ``efSearch`` calibrated against exact search;
 * ``build``: ``build_index`` (plan, sample and train, add, calibrate);
-* ``persist``: ``save_index`` / ``load_index`` and the manifest (docs/design.md section 6).
+* ``persist``: ``save_index`` (one folder, published by one rename) / ``load_index`` (seal and sha256
+  digests checked first) and the manifest (docs/design.md section 6).
 """
 
 from retrac.query.index.build import (
@@ -56,8 +57,14 @@ from retrac.query.index.kinds import (
 from retrac.query.index.persist import (
     INDEX_FILENAME,
     MANIFEST_FILENAME,
+    UNSEALED_KEYS,
+    check_digests,
+    check_manifest,
     load_index,
+    manifest_seal,
+    open_index,
     read_manifest,
+    rebuild_command,
     save_index,
 )
 from retrac.query.index.sample import (
@@ -96,14 +103,20 @@ __all__ = [
     "SearchIndex",
     "SearchResult",
     "TRAIN_ROWS_PER_LIST",
+    "UNSEALED_KEYS",
     "auto_factory",
     "build_index",
+    "check_digests",
+    "check_manifest",
     "default_memory_budget",
     "default_nlist",
     "exact_search",
     "load_index",
+    "manifest_seal",
+    "open_index",
     "measure_recall",
     "read_manifest",
+    "rebuild_command",
     "recall_at_k",
     "save_index",
     "search",

@@ -43,7 +43,7 @@ from retrac.query.index.mips import _pad_queries
 from retrac.query.index.topk import _ExactTopK
 
 INDEX_FORMAT = "retrac-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: sha256 digests of the files and a sealed manifest (docs/design.md section 6)
 GPU_MAX_K = 2048  # faiss-gpu's limit on k and nprobe
 _SCORE_MEANING = "inner product <U(z), Q(z')>; positive = proponent, negative = opponent"
 EXACT_FALLBACK_BLOCK_ROWS = 16384  # rows reconstructed at a time by the exact fallback
