@@ -19,7 +19,15 @@ from retrac.cli import main
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import CheckpointError, ConfigError, DataError, GradientError, StoreMismatchError
 from retrac.events import TrainingEventLog, event_noise_seed, noise_from_seed
-from retrac.indexer import FeatureStore, IndexConfig, featurize_dataset, parse_shard
+from retrac.indexer import (
+    FeatureStore,
+    IndexConfig,
+    default_threads,
+    featurize_dataset,
+    parse_shard,
+    plan_shards,
+)
+from retrac.indexer.workers import ShardPlan
 from retrac.projection import projected_gradients
 from retrac.task import DiffusionTask
 
@@ -222,6 +230,8 @@ def cli_args(ws, out, *extra, projector="dense"):
         "4",
         "--batch-size",
         "3",
+        "--threads",
+        "1",  # the library runs it is compared with use the suite's one thread (bits depend on threads)
         *extra,
     ]
 
@@ -341,13 +351,32 @@ def test_bad_outputs_and_inputs_raise(workspace, tmp_path):
         parse_shard("-1/2")
 
 
-def test_shard_auto_reads_torchrun_environment(monkeypatch):
-    monkeypatch.setenv("RANK", "2")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    assert parse_shard("auto") == (2, 3) and parse_shard(None) == (0, 1) and parse_shard((1, 4)) == (1, 4)
-    monkeypatch.delenv("RANK")
-    with pytest.raises(ConfigError, match="torchrun"):
+def test_shard_specs_static_slurm_and_work_stealing(monkeypatch):
+    assert parse_shard(None) == (0, 1) and parse_shard((1, 4)) == (1, 4) and parse_shard("3/4") == (3, 4)
+    assert plan_shards("auto") == ShardPlan("claims") and plan_shards(None) == ShardPlan("all")
+    assert plan_shards("1/3") == ShardPlan("static", 1, 3) and plan_shards("0/1") == ShardPlan("all")
+    with pytest.raises(ConfigError, match="work stealing"):
         parse_shard("auto")
+    with pytest.raises(ConfigError, match="SLURM_ARRAY_TASK_ID"):
+        parse_shard("slurm")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")  # sbatch --array=4-7: the second of four tasks
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert parse_shard("slurm") == (1, 4)
+
+
+def test_default_threads_split_the_cores_between_local_workers(monkeypatch):
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert default_threads(None) == 8 and default_threads("auto") == 8
+    assert default_threads("1/2") == 4  # two processes started by hand on this machine
+    assert default_threads("0/16") == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc-per-node 4
+    assert default_threads("auto") == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # a SLURM task has its own CPUs (its affinity mask)
+    assert default_threads("1/2") == 8
 
 
 def test_nan_gradients_name_the_sample_and_nothing_is_marked_complete(workspace, tmp_path):

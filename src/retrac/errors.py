@@ -57,3 +57,8 @@ class IndexDamagedError(DataError):
     manifest records (a changed, truncated or replaced ``index.faiss`` or ``kernel.npz``), an edited
     manifest, or vectors of another method than the manifest names; the message names the file and
     the ``retrac build`` command that rebuilds the index."""
+
+
+class CompactStoreError(StoreError):
+    """A use that needs every event's features (re-weighting events, per-event features) was asked of a
+    compact store, which keeps only the per-sample train vectors; the message names the use and the remedy."""

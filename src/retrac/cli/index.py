@@ -7,7 +7,8 @@ import argparse
 from retrac.checkpoints import CHECKPOINT_INFO, DEFAULT_CHECKPOINT_WEIGHT
 from retrac.cli.options import add_compute_options
 from retrac.events import SCHEDULE_HELP
-from retrac.indexer.config import DEFAULT_DIM, DTYPES, IndexConfig
+from retrac.indexer.claims import DEFAULT_LEASE_SECONDS
+from retrac.indexer.config import DEFAULT_DIM, DTYPES, LAYOUTS, IndexConfig
 from retrac.projection import DENSE_BACKENDS, PROJECTOR_KINDS
 from retrac.task import OBJECTIVES
 
@@ -18,7 +19,9 @@ def add_index_command(sub) -> None:
         help="featurize a training set: projected per-sample gradients per event and checkpoint -> Zarr store",
         description="Compute phi_k(z, e) = P_k grad l(theta_k; z, e) and n_k(z, e) = ||grad l|| for every "
         "training sample z, event e and checkpoint k, into a resumable, sharded Zarr store. Rerun the same "
-        "command to resume; run it with --shard I/N in N processes to split the work.",
+        "command to resume; run it with --shard I/N in N processes to split the work, or with --shard auto in "
+        "any number of workers (torchrun --nproc-per-node N -m retrac index ... --shard auto) that claim shards "
+        "from one another. --out may be a folder or an s3://, gs://, memory:// or file:// URL.",
     )
     p.add_argument(
         "--checkpoint",
@@ -29,7 +32,11 @@ def add_index_command(sub) -> None:
         f"(default: {CHECKPOINT_INFO} or {DEFAULT_CHECKPOINT_WEIGHT:g})",
     )
     p.add_argument("--data", required=True, help="training data: .npz, .npy or a folder of images")
-    p.add_argument("--out", required=True, help="the store folder (created; reopened to resume)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the store: a folder or an s3://, gs://, memory:// or file:// URL (created; reopened to resume)",
+    )
     p.add_argument(
         "--events",
         default=IndexConfig.events,
@@ -80,8 +87,23 @@ def add_index_command(sub) -> None:
     p.add_argument(
         "--shard",
         default=None,
-        metavar="I/N",
-        help="fill only shards s with s %% N == I ('auto': RANK/WORLD_SIZE from torchrun)",
+        metavar="I/N|auto|slurm",
+        help="I/N: fill only shards s with s %% N == I; slurm: I/N from the SLURM job array; auto: work "
+        "stealing, claim unfinished shards until the store is complete (torchrun, several machines)",
+    )
+    p.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE_SECONDS,
+        metavar="SECONDS",
+        help="--shard auto: a claim not renewed for this long is taken over (default: %(default)s)",
+    )
+    p.add_argument(
+        "--layout",
+        default=IndexConfig.layout,
+        choices=LAYOUTS,
+        help="full: every event's features; compact: only the TracIn and ReTrac train vectors per sample "
+        "(S/2 times less disk; no per-event features) (default: %(default)s)",
     )
     p.add_argument(
         "--seed",
@@ -108,7 +130,7 @@ def add_index_command(sub) -> None:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    from retrac.indexer import IndexConfig, featurize_dataset
+    from retrac.indexer import IndexConfig, default_threads, featurize_dataset
 
     config = IndexConfig(
         events=args.events,
@@ -122,7 +144,10 @@ def _run_index(args: argparse.Namespace) -> int:
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         shard_rows=args.shard_rows,
+        layout=args.layout,
     )
+    # each local worker gets cores / local_world_size threads unless --threads says otherwise
+    threads = args.threads if args.threads is not None else default_threads(args.shard)
     store = featurize_dataset(
         args.checkpoint,
         args.data,
@@ -131,11 +156,14 @@ def _run_index(args: argparse.Namespace) -> int:
         shard=args.shard,
         device=args.device,
         progress=not args.no_progress,
+        threads=threads,
+        lease_seconds=args.lease,
     )
     missing = store.missing()
     print(
         f"store {store.path}: N={store.num_samples} samples x K={store.num_checkpoints} checkpoints x "
-        f"S={store.num_events} events, d={store.dim} ({store.config.projector}, norms {store.norm_kind})"
+        f"S={store.num_events} events, d={store.dim} ({store.config.projector}, norms {store.norm_kind}, "
+        f"{store.layout} layout; {threads} torch threads)"
     )
     record = store.attrs["projectors"][0]
     if record.get("uncovered_parameters"):

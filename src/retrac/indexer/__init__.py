@@ -4,7 +4,16 @@
 """
 
 from retrac.indexer.config import IndexConfig
-from retrac.indexer.featurize import featurize_dataset, parse_shard
+from retrac.indexer.featurize import featurize_dataset
 from retrac.indexer.store import FeatureBlock, FeatureStore
+from retrac.indexer.workers import default_threads, parse_shard, plan_shards
 
-__all__ = ["FeatureBlock", "FeatureStore", "IndexConfig", "featurize_dataset", "parse_shard"]
+__all__ = [
+    "FeatureBlock",
+    "FeatureStore",
+    "IndexConfig",
+    "default_threads",
+    "featurize_dataset",
+    "parse_shard",
+    "plan_shards",
+]

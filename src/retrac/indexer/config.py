@@ -12,6 +12,7 @@ from retrac.task import OBJECTIVES
 DTYPES = ("float16", "float32")
 DEFAULT_DIM = 1024
 RUNTIME_FIELDS = ("batch_size",)  # change only float rounding, so not compared on reopening
+LAYOUTS = ("full", "compact")  # retrac.indexer.layout
 
 
 @dataclass
@@ -38,6 +39,9 @@ class IndexConfig:
         exclude: patterns removed after ``include``.
         shard_rows: samples per shard: the unit of work, of resumption, of ``--shard`` splitting and
             of the Zarr shard files (a whole shard is held in memory while it is computed).
+        layout: ``"full"`` (every event's features) or ``"compact"`` (only the TracIn and ReTrac train
+            vectors per sample and checkpoint, plus the per-event norms: ``S / 2`` times less disk; see
+            :mod:`retrac.indexer.layout` for what a compact store cannot do).
     """
 
     events: str | EventSchedule = "stratified:4"
@@ -51,6 +55,7 @@ class IndexConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     shard_rows: int = 256
+    layout: str = "full"
     schedule: EventSchedule = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +77,8 @@ class IndexConfig:
             raise ConfigError(
                 f"objective={self.objective!r} is unknown; choose one of {', '.join(OBJECTIVES)}."
             )
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout={self.layout!r} is unknown; choose one of {', '.join(LAYOUTS)}.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}.")
         for name in ("batch_size", "shard_rows"):
@@ -92,8 +99,15 @@ class IndexConfig:
         return record
 
     def store_dict(self) -> dict:
-        """The settings a store records and compares on reopening (``to_dict`` less runtime fields)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The settings a store records and compares on reopening (``to_dict`` less runtime fields).
+
+        ``layout`` is recorded only when it is ``compact``, so full stores keep the record (and the
+        fingerprint) they had before layouts existed.
+        """
+        record = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        if record["layout"] == "full":
+            del record["layout"]
+        return record
 
     @classmethod
     def from_dict(cls, record: dict) -> IndexConfig:

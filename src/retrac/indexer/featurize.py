@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,49 +15,18 @@ from tqdm.auto import tqdm
 
 from retrac.checkpoints import Checkpoint, load_scheduler, load_unet, resolve_checkpoint, with_scheduler
 from retrac.data import ImageDataset, load_dataset
-from retrac.errors import CheckpointError, ConfigError
+from retrac.errors import CheckpointError, ConfigError, StoreDamagedError
 from retrac.events import EventPlan
+from retrac.indexer.claims import DEFAULT_LEASE_SECONDS, ShardClaims
 from retrac.indexer.config import IndexConfig
+from retrac.indexer.layout import COMPACT_VECTOR_KINDS
 from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore, chunk_rows_for
+from retrac.indexer.workers import ShardPlan, plan_shards
 from retrac.projection import make_projector, projected_gradients
 from retrac.task import DEFAULT_DEVICE, DiffusionTask
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 VERSIONED_PACKAGES = ("retrac", "torch", "diffusers", "zarr", "numpy", "traker")
-
-
-def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
-    """``"I/N"`` (or ``(I, N)``) -> ``(I, N)`` with ``0 <= I < N``; ``None`` -> ``(0, 1)``.
-
-    ``"auto"`` takes ``I`` and ``N`` from ``RANK`` and ``WORLD_SIZE``, as ``torchrun`` sets them.
-
-    Raises:
-        ConfigError: not of the form ``I/N``, or ``I`` outside ``[0, N)``; ``auto`` outside torchrun.
-    """
-    if spec is None:
-        return 0, 1
-    if spec == "auto":
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise ConfigError(
-                "--shard auto reads RANK and WORLD_SIZE, which are not set; launch with torchrun or give --shard I/N."
-            )
-        spec = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
-    if isinstance(spec, str):
-        index, sep, count = spec.partition("/")
-        try:
-            if not sep:
-                raise ValueError
-            spec = (int(index), int(count))
-        except ValueError:
-            raise ConfigError(
-                f"--shard {spec!r} is not I/N; e.g. --shard 0/4 for the first of 4 processes."
-            ) from None
-    index, count = int(spec[0]), int(spec[1])
-    if count < 1 or not 0 <= index < count:
-        raise ConfigError(
-            f"--shard {index}/{count} is out of range; I must lie in [0, N) with N >= 1, e.g. 0/{max(count, 1)}."
-        )
-    return index, count
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -115,6 +85,18 @@ def store_attributes(
     """The root attributes a featurization writes (and compares when it reopens a store)."""
     num_events, dim = plan.num_events, projectors[0]["dim"]
     itemsize = np.dtype(config.dtype).itemsize
+    width = num_events if config.layout == "full" else len(COMPACT_VECTOR_KINDS)  # rows of the big array
+    layout = {
+        "num_samples": len(data),
+        "num_events": num_events,
+        "dim": dim,
+        "dtype": config.dtype,
+        "shard_rows": config.shard_rows,
+        "chunk_rows": chunk_rows_for(config.shard_rows, width * dim * itemsize),
+        "num_shards": -(-len(data) // config.shard_rows),
+    }
+    if config.layout != "full":  # full stores keep the attributes they had before layouts existed
+        layout["kind"] = config.layout
     return {
         "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
         "config": config.store_dict(),
@@ -129,15 +111,7 @@ def store_attributes(
             "has_labels": data.labels is not None,
             "source": data.source,
         },
-        "layout": {
-            "num_samples": len(data),
-            "num_events": num_events,
-            "dim": dim,
-            "dtype": config.dtype,
-            "shard_rows": config.shard_rows,
-            "chunk_rows": chunk_rows_for(config.shard_rows, num_events * dim * itemsize),
-            "num_shards": -(-len(data) // config.shard_rows),
-        },
+        "layout": layout,
         "versions": _versions(),
     }
 
@@ -150,6 +124,8 @@ def featurize_dataset(
     shard: str | tuple[int, int] | None = None,
     device: str | torch.device = DEFAULT_DEVICE,
     progress: bool = True,
+    threads: int | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> FeatureStore:
     """Compute ``phi_k(z, e)`` and ``n_k(z, e)`` for every sample, event and checkpoint into a store.
 
@@ -161,19 +137,25 @@ def featurize_dataset(
     Rerunning the same call resumes: shards in the ledger are skipped, others are rewritten whole,
     and the finished store is bit-identical to an uninterrupted run. With ``shard=(I, N)`` this
     process fills only shards ``s`` with ``s % N == I``; processes with disjoint ``I`` may run at
-    the same time on one store.
+    the same time on one store. With ``shard="auto"`` every process claims unfinished shards
+    (work stealing, :mod:`retrac.indexer.claims`) until the store is complete, taking over the claims
+    of dead workers; the store is bit-identical to a one-process run with the same threads.
 
     Args:
         checkpoints: ``Checkpoint`` objects or ``PATH[=WEIGHT]`` specs, in training order.
         data: the training set (an :class:`ImageDataset` or a path ``load_dataset`` reads); its
             labels go to class-conditional models.
-        out: the store folder (created if needed).
+        out: the store folder or URL (``s3://``, ``gs://``, ``memory://``, ``file://``; created if needed).
         config: the settings (default :class:`IndexConfig`).
-        shard: ``"I/N"`` or ``(I, N)``: this process's share of the shards (default all); ``"auto"``
-            under ``torchrun`` (``RANK`` / ``WORLD_SIZE``).
+        shard: ``"I/N"`` or ``(I, N)``: this process's share of the shards (default all); ``"slurm"``:
+            ``I/N`` from the SLURM job array; ``"auto"``: work stealing (:mod:`retrac.indexer.workers`).
         device: where gradients are computed (``"cpu"``, ``"cuda"``, ...); ``"cuda"`` under torchrun
             means ``cuda:LOCAL_RANK``.
         progress: show a tqdm progress bar.
+        threads: torch CPU threads during the call (default: torch's setting; the CLI passes
+            :func:`~retrac.indexer.workers.default_threads`). Features are bit-identical between runs
+            with the same threads per process; across thread counts they differ by float rounding.
+        lease_seconds: how long a claim of ``shard="auto"`` lasts without renewal.
 
     Returns:
         The store, opened for reading (complete once every ``--shard`` share has run).
@@ -186,8 +168,21 @@ def featurize_dataset(
         StoreMismatchError: ``out`` holds a store made with other settings (each difference named).
         GradientError: a non-finite gradient (names the sample and the event).
     """
+    if threads is None:
+        return _featurize(checkpoints, data, out, config, shard, device, progress, lease_seconds)
+    if not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads={threads!r} must be a positive integer.")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _featurize(checkpoints, data, out, config, shard, device, progress, lease_seconds)
+    finally:
+        torch.set_num_threads(previous)  # the caller's torch is left as it was
+
+
+def _featurize(checkpoints, data, out, config, shard, device, progress, lease_seconds) -> FeatureStore:
     config = config or IndexConfig()
-    shard_index, shard_count = parse_shard(shard)
+    shard_plan = plan_shards(shard)
     device = resolve_device(device)
     dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
     resolved = [
@@ -221,27 +216,126 @@ def featurize_dataset(
     if store.ids_problem() is not None:  # a damaged ids chunk: the data set's ids are the recorded ones
         store.rewrite_ids(dataset.ids)
 
-    owned = [s for s in range(store.num_shards) if s % shard_count == shard_index]
+    models = _Models(resolved, config, device, task, attrs["task"]["num_parameters"])
+    if shard_plan.mode == "claims":
+        _featurize_claimed(store, models, plan, dataset, config, lease_seconds, progress, out)
+        return FeatureStore.open(out)
+    owned = [s for s in range(store.num_shards) if shard_plan.owns(s)]
     todo = {k: _shards_to_compute(store, k, owned) for k in range(len(resolved))}
     total = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for shards in todo.values() for s in shards)
-    bar = tqdm(total=total, desc=f"index {Path(out).name}", unit="sample", disable=not progress)
-    for k, checkpoint in enumerate(resolved):
+    bar = tqdm(total=total, desc=f"index {_name(store)}", unit="sample", disable=not progress)
+    for k in range(len(resolved)):
         if not todo[k]:
             continue
-        if k > 0:
-            task = _load_task(checkpoint, config, device, task.scheduler)
-            if task.num_parameters != attrs["task"]["num_parameters"]:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint.path!r} counts {task.num_parameters} parameters, checkpoint 0 counts "
-                    f"{attrs['task']['num_parameters']}; give checkpoints of one model."
-                )
-        projector = make_projector(config.projector, task, config.dim, config.seed, k, config.dense_backend)
+        task, projector = models.at(k)
         bar.set_postfix(checkpoint=k)
         for shard_id in todo[k]:
             start, stop = store.shard_range(shard_id)
             _featurize_shard(store, task, projector, plan, dataset, config, k, shard_id, start, stop, bar)
     bar.close()
     return FeatureStore.open(out)
+
+
+def _name(store: FeatureStore) -> str:
+    return store.url.rstrip("/").rpartition("/")[2]
+
+
+class _Models:
+    """The task and projector of one checkpoint at a time, loaded when a shard of it is computed."""
+
+    def __init__(self, resolved: list[Checkpoint], config: IndexConfig, device, task, num_parameters: int):
+        self.resolved, self.config, self.device = resolved, config, device
+        self.k, self.task, self.projector = 0, task, None
+        self.num_parameters = num_parameters
+
+    def at(self, k: int):
+        """``(task, projector)`` of checkpoint ``k`` (every checkpoint keeps checkpoint 0's scheduler)."""
+        if k != self.k:
+            checkpoint = self.resolved[k]
+            self.task = _load_task(checkpoint, self.config, self.device, self.task.scheduler)
+            self.k, self.projector = k, None
+            if self.task.num_parameters != self.num_parameters:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint.path!r} counts {self.task.num_parameters} parameters, checkpoint 0 "
+                    f"counts {self.num_parameters}; give checkpoints of one model."
+                )
+        if self.projector is None:
+            c = self.config
+            self.projector = make_projector(c.projector, self.task, c.dim, c.seed, k, c.dense_backend)
+        return self.task, self.projector
+
+
+def _verification_share() -> ShardPlan:
+    """Which finished shards this worker re-checks on a resumed ``--shard auto`` run (each one once
+    under torchrun, by ``RANK`` of ``WORLD_SIZE``; all of them when started by hand)."""
+    rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
+    if rank.isdigit() and world.isdigit() and int(rank) < int(world):
+        return ShardPlan("static", int(rank), int(world))
+    return ShardPlan("all")
+
+
+def _featurize_claimed(store, models, plan, dataset, config, lease_seconds, progress, out) -> None:
+    """``--shard auto``: claim unfinished shards until every shard of every checkpoint is in the ledger.
+
+    A worker that finds every unfinished shard claimed by a live worker waits (polls) until they
+    finish or their leases lapse, then takes those over; so the store is complete when any worker
+    returns, even if others were killed.
+    """
+    share = _verification_share()
+    for k in range(store.num_checkpoints):  # a resumed run re-checks finished shards (each worker its share)
+        _shards_to_compute(store, k, [s for s in store.completed_shards(k) if share.owns(s)])
+    claims = ShardClaims(store.location, lease_seconds)
+    poll = min(2.0, lease_seconds / 4)
+    missing = store.missing()
+    total = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for _, s in missing)
+    bar = tqdm(total=total, desc=f"index {_name(store)}", unit="sample", disable=not progress)
+    try:
+        while missing:
+            progressed = False
+            for k in sorted({k for k, _ in missing}):
+                newest = claims.generations(k)
+                for shard in (s for kk, s in missing if kk == k):
+                    if claims.try_acquire(k, shard, newest.get(shard)):
+                        progressed = True
+                        _claimed_shard(store, models, plan, dataset, config, claims, k, shard, bar)
+            missing = store.missing()
+            if missing and not progressed:
+                time.sleep(poll)  # every unfinished shard is held by a live worker
+    finally:
+        claims.close()
+        bar.close()
+
+
+def _claimed_shard(store, models, plan, dataset, config, claims, k: int, shard: int, bar) -> None:
+    """Compute a claimed shard unless another worker finished it meanwhile; release the claim."""
+    finished = False
+    try:
+        try:
+            done = store.ledger_entry(k, shard) is not None
+        except StoreDamagedError:
+            store.drop_ledger_entry(k, shard)
+            done = False
+        if not done:
+            task, projector = models.at(k)
+            start, stop = store.shard_range(shard)
+            bar.set_postfix(checkpoint=k)
+            _featurize_shard(
+                store,
+                task,
+                projector,
+                plan,
+                dataset,
+                config,
+                k,
+                shard,
+                start,
+                stop,
+                bar,
+                may_publish=lambda: claims.still_holds(k, shard),
+            )
+        finished = True
+    finally:
+        claims.release(k, shard, finished)
 
 
 def _shards_to_compute(store: FeatureStore, k: int, owned: list[int]) -> list[int]:
@@ -263,8 +357,25 @@ def _shards_to_compute(store: FeatureStore, k: int, owned: list[int]) -> list[in
     return todo
 
 
-def _featurize_shard(store, task, projector, plan, dataset, config, k, shard_id, start, stop, bar) -> None:
-    """Compute rows ``[start, stop)`` at checkpoint ``k`` in batches and write the shard whole."""
+def _featurize_shard(
+    store,
+    task,
+    projector,
+    plan,
+    dataset,
+    config,
+    k,
+    shard_id,
+    start,
+    stop,
+    bar,
+    may_publish: Callable[[], bool] | None = None,
+) -> None:
+    """Compute rows ``[start, stop)`` at checkpoint ``k`` in batches and write the shard whole.
+
+    ``may_publish`` (work stealing) is asked before writing: ``False`` means the claim was taken over
+    by another worker, which writes the same bytes, so this one's result is dropped.
+    """
     S, d = plan.num_events, projector.dim
     features = np.zeros((stop - start, S, d), dtype=np.float32)
     norms = np.zeros((stop - start, S), dtype=np.float32)
@@ -280,7 +391,7 @@ def _featurize_shard(store, task, projector, plan, dataset, config, k, shard_id,
             dataset.images[rows],
             torch.from_numpy(events.timesteps),
             events.noise(task.sample_shape),
-            class_labels=labels if task.is_class_conditional else None,
+            labels if task.is_class_conditional else None,
             sample_ids=[dataset.ids[r] for r in rows],
             valid=torch.from_numpy(events.valid),
         )
@@ -293,4 +404,11 @@ def _featurize_shard(store, task, projector, plan, dataset, config, k, shard_id,
             f"features of checkpoint {k}, rows {start}-{stop} exceed the float16 range "
             f"(max |phi| = {np.abs(features).max():.3g}); use --dtype float32."
         )
+    if may_publish is not None and not may_publish():
+        warnings.warn(
+            f"shard {shard_id} of checkpoint {k} was taken over by another worker (this one's lease ran out); "
+            "its result is left to that worker.",
+            stacklevel=2,
+        )
+        return
     store.write_shard(k, shard_id, features, norms, timesteps, valid)

@@ -26,15 +26,17 @@ def ids_digest(ids) -> str:
     return hashlib.sha256(json.dumps([str(i) for i in ids], separators=(",", ":")).encode()).hexdigest()
 
 
-def shard_digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 of one shard's arrays: ``SHARD_ARRAYS`` in order, C-contiguous bytes of the stored dtypes.
+def shard_digest(arrays: dict[str, np.ndarray], names: tuple[str, ...] = SHARD_ARRAYS) -> str:
+    """sha256 of one shard's arrays: ``names`` in order, C-contiguous bytes of the stored dtypes.
 
     Args:
-        arrays: ``features`` ``(n, S, d)`` float16/float32, ``norms`` ``(n, S)`` float32,
-            ``timesteps`` ``(n, S)`` int32 and ``valid`` ``(n, S)`` bool, as written to the store.
+        arrays: ``features`` ``(n, S, d)`` float16/float32 (a compact store: ``vectors`` ``(n, 2, d)``),
+            ``norms`` ``(n, S)`` float32, ``timesteps`` ``(n, S)`` int32 and ``valid`` ``(n, S)`` bool, as
+            written to the store.
+        names: the arrays in digest order (``retrac.indexer.layout.shard_arrays``).
     """
     digest = hashlib.sha256()
-    for name in SHARD_ARRAYS:
+    for name in names:
         digest.update(memoryview(np.ascontiguousarray(arrays[name]).reshape(-1)).cast("B"))
     return digest.hexdigest()
 
@@ -63,6 +65,8 @@ def index_command(attrs: dict, path) -> str:
         words += ["--dense-backend", config.dense_backend]
     words += ["--objective", config.objective, "--dtype", config.dtype, "--seed", str(config.seed)]
     words += ["--shard-rows", str(config.shard_rows)]
+    if config.layout != "full":
+        words += ["--layout", config.layout]
     for pattern in config.include:
         words += ["--include", pattern]
     for pattern in config.exclude:

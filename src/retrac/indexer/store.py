@@ -1,5 +1,10 @@
 """The feature store (docs/design.md section 3): one Zarr v3 group per featurization.
 
+A store lives in a local folder or under an object-storage prefix (``s3://``, ``gs://``, ``memory://``,
+``file://``; :mod:`retrac.indexer.location`); the ledger and the claims of work stealing are small
+JSON objects beside the arrays, each written whole. ``layout`` ``compact`` keeps ``vectors`` instead
+of ``features`` (:mod:`retrac.indexer.layout`).
+
 Layout of a store ``STORE/``::
 
     zarr.json                          root group; attributes below
@@ -35,27 +40,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from retrac._io import atomic_write_text, record_differences
 from retrac.checkpoints import Checkpoint
-from retrac.errors import ConfigError, DataError, StoreDamagedError, StoreMismatchError
+from retrac.errors import CompactStoreError, ConfigError, DataError, StoreDamagedError, StoreMismatchError
+from retrac.indexer.block import FeatureBlock
 from retrac.indexer.config import IndexConfig
+from retrac.indexer.create import create_local, create_remote
 from retrac.indexer.integrity import (
-    SHARD_ARRAYS,
     ids_digest,
     index_command,
     ledger_entry_problem,
     shard_digest,
 )
+from retrac.indexer.layout import checkpoint_group, shard_arrays
+from retrac.indexer.location import LocalLocation, ObjectLocation, open_location
+from retrac.query.vectors import train_vectors
 
 FORMAT_NAME = "retrac-feature-store"
 FORMAT_VERSION = 2  # 2: ids digest in the root attributes, scheduler config per checkpoint record
@@ -63,10 +68,6 @@ MIN_CHUNK_BYTES = 1 << 20
 LOCATION_KEYS = ("path", "log", "source")  # where things live, not what they are: not compared
 COMPARED_KEYS = ("format", "config", "task", "projectors", "events", "checkpoints", "dataset")
 LEDGER_NAME = re.compile(r"shard-(\d+)\.json")
-
-
-def checkpoint_group(k: int) -> str:
-    return f"checkpoint-{k:02d}"
 
 
 def chunk_rows_for(shard_rows: int, row_bytes: int) -> int:
@@ -96,38 +97,20 @@ def fingerprint_of(attrs: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@dataclass
-class FeatureBlock:
-    """Rows ``[start, stop)`` of one checkpoint, as float32 / int32 / bool numpy arrays."""
-
-    start: int
-    stop: int
-    features: np.ndarray  # (n, S, d) float32
-    norms: np.ndarray  # (n, S) float32
-    timesteps: np.ndarray  # (n, S) int32
-    valid: np.ndarray  # (n, S) bool
-
-    def rows(self, start: int, stop: int) -> FeatureBlock:
-        """Rows ``[start, stop)`` (store row numbers) of this block."""
-        local = slice(start - self.start, stop - self.start)
-        return FeatureBlock(start, stop, *(getattr(self, name)[local] for name in SHARD_ARRAYS))
-
-    def join(self, after: FeatureBlock) -> FeatureBlock:
-        """This block followed by the next rows ``after``."""
-        arrays = (np.concatenate([getattr(self, n), getattr(after, n)]) for n in SHARD_ARRAYS)
-        return FeatureBlock(self.start, after.stop, *arrays)
-
-
 class FeatureStore:
     """A featurization on disk: read API for the query side, shard writes for the indexer.
 
     Open an existing store with :meth:`open`. Attributes: ``attrs`` (root attributes), ``config``
     (:class:`IndexConfig`), ``checkpoints`` (:class:`Checkpoint` list), ``ids``, ``num_samples``,
-    ``num_checkpoints``, ``num_events`` (``S``), ``dim`` (``d``), ``norm_kind``, ``fingerprint``.
+    ``num_checkpoints``, ``num_events`` (``S``), ``dim`` (``d``), ``norm_kind``, ``fingerprint``,
+    ``layout`` (``full`` / ``compact``), ``location`` and ``url`` (a local path or an object-storage URL;
+    ``path`` is the local ``Path``, or the URL).
     """
 
-    def __init__(self, path: Path, group) -> None:
-        self.path = path
+    def __init__(self, location: LocalLocation | ObjectLocation, group) -> None:
+        self.location = location
+        self.path: Path | str = location.path if location.is_local else location.url
+        self.url: str = str(location.path.absolute()) if location.is_local else location.url
         self._group = group
         self.attrs: dict = dict(group.attrs)
         self.config = IndexConfig.from_dict(self.attrs["config"])
@@ -139,6 +122,8 @@ class FeatureStore:
         self.shard_rows: int = int(layout["shard_rows"])
         self.num_shards: int = int(layout["num_shards"])
         self.norm_kind: str = self.attrs["norm_kind"]
+        self.layout: str = layout.get("kind", "full")
+        self.shard_arrays: tuple[str, ...] = shard_arrays(self.layout)
         self.fingerprint: str = fingerprint_of(self.attrs)
         self._ids: list[str] | None = None
 
@@ -147,14 +132,23 @@ class FeatureStore:
     def open(cls, path: str | Path) -> FeatureStore:
         """Open a store for reading (complete or not; see :attr:`is_complete`).
 
+        Args:
+            path: a folder, or a ``file://``, ``s3://``, ``gs://`` or ``memory://`` URL.
+
         Raises:
-            DataError: no retrac store at ``path``, or one of another format version.
+            DataError: no retrac store at ``path``, one of another format version, or an
+                object-storage URL that cannot be reached.
         """
         import zarr
 
-        path = Path(path)
+        location = open_location(path)
+        path = location.path if location.is_local else location.url
+        if not location.is_local and not location.exists("zarr.json"):  # network errors: a DataError
+            raise DataError(
+                f"{str(path)!r} is not a retrac feature store (no zarr.json); create one with `retrac index`."
+            )
         try:
-            group = zarr.open_group(str(path), mode="r", zarr_format=3)
+            group = zarr.open_group(location.zarr_store(read_only=True), mode="r", zarr_format=3)
         except Exception as exc:
             raise DataError(
                 f"{str(path)!r} is not a retrac feature store ({type(exc).__name__}: {exc}); "
@@ -169,27 +163,36 @@ class FeatureStore:
                 f"{FORMAT_VERSION} (version 1 recorded no digest of the ids nor the scheduler's config, which "
                 "are now checked); featurize again with `retrac index` into a new --out."
             )
-        return cls(path, group)
+        return cls(location, group)
 
     @classmethod
     def create_or_open(cls, path: str | Path, attrs: dict, ids: list[str]) -> FeatureStore:
-        """Create the store (atomically: built aside, then renamed) or open it and check it matches.
+        """Create the store (atomically) or open it and check it matches.
+
+        A local store is built in a hidden sibling folder and renamed into place; on object storage
+        the metadata is built in memory, copied, and the root ``zarr.json`` is created last with a
+        conditional PUT, so a store is visible only once whole and two creators cannot both win.
 
         Raises:
-            ConfigError: ``path`` is a file, a non-store folder, or cannot be written.
+            ConfigError: ``path`` is a file, a non-store folder or prefix, or cannot be written.
             StoreMismatchError: the store exists with other settings; every difference is named.
+            DataError: an object-storage URL that cannot be reached.
         """
-        path = Path(path)
-        if path.is_file():
-            raise ConfigError(f"--out {str(path)!r} is a file; give a folder path for the store.")
-        if not (path.is_dir() and (path / "zarr.json").is_file()):
-            # re-check zarr.json: another process may have renamed a finished store into place meanwhile
-            if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
-                raise ConfigError(
-                    f"--out {str(path)!r} is a non-empty folder that is not a retrac store; give a new path."
-                )
-            cls._create(path, attrs, ids)
-        store = cls.open(path)
+        location = open_location(path)
+        if location.is_local:
+            path = location.path
+            if path.is_file():
+                raise ConfigError(f"--out {str(path)!r} is a file; give a folder path for the store.")
+            if not (path.is_dir() and (path / "zarr.json").is_file()):
+                # re-check zarr.json: another process may have renamed a finished store into place meanwhile
+                if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
+                    raise ConfigError(
+                        f"--out {str(path)!r} is a non-empty folder that is not a retrac store; give a new path."
+                    )
+                create_local(path, attrs, ids)
+        elif not location.exists("zarr.json"):
+            create_remote(location, attrs, ids)
+        store = cls.open(location)
         diffs = record_differences(
             comparable(store.attrs),
             comparable(attrs),
@@ -199,62 +202,11 @@ class FeatureStore:
         )
         if diffs:
             raise StoreMismatchError(
-                f"the store {str(path)!r} was written with other settings; differences (stored vs given):\n  "
+                f"the store {store.url!r} was written with other settings; differences (stored vs given):\n  "
                 + "\n  ".join(diffs)
                 + "\nrerun with the store's settings, or give a new --out."
             )
         return store
-
-    @classmethod
-    def _create(cls, path: Path, attrs: dict, ids: list[str]) -> None:
-        import zarr
-
-        parent = path.absolute().parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create the folder of --out {str(path)!r} ({exc}); give a writable path."
-            ) from exc
-        if not os.access(parent, os.W_OK):
-            raise ConfigError(
-                f"--out {str(path)!r}: folder {str(parent)!r} is not writable; give a writable path."
-            )
-        staging = parent / f".{path.name}.creating-{uuid.uuid4().hex}"
-        attrs = {**attrs, "integrity": attrs.get("integrity") or {"ids_sha256": ids_digest(ids)}}
-        try:
-            group = zarr.open_group(str(staging), mode="w-", zarr_format=3, attributes=attrs)
-            layout = attrs["layout"]
-            n, s, d = layout["num_samples"], layout["num_events"], layout["dim"]
-            shard, chunk = layout["shard_rows"], layout["chunk_rows"]
-            id_array = group.create_array("ids", shape=(n,), dtype=str, chunks=(n,))
-            id_array[:] = np.asarray(ids, dtype=str)
-            for k in range(len(attrs["checkpoints"])):
-                sub = group.create_group(checkpoint_group(k))
-                sub.create_array(
-                    "features",
-                    shape=(n, s, d),
-                    dtype=layout["dtype"],
-                    chunks=(chunk, s, d),
-                    shards=None if chunk == shard else (shard, s, d),
-                    compressors=None,  # projected gradients do not compress
-                    fill_value=0,
-                )
-                sub.create_array("norms", shape=(n, s), dtype="float32", chunks=(shard, s), fill_value=0)
-                sub.create_array("timesteps", shape=(n, s), dtype="int32", chunks=(shard, s), fill_value=-1)
-                sub.create_array("valid", shape=(n, s), dtype="bool", chunks=(shard, s), fill_value=False)
-            (staging / "ledger").mkdir()
-            try:
-                os.rename(staging, path)  # atomic; fails if another process created the store first
-            except OSError:
-                if not (path / "zarr.json").is_file():
-                    raise
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot write the store at --out {str(path)!r} ({exc}); give a writable path."
-            ) from exc
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -271,9 +223,7 @@ class FeatureStore:
         if self._ids is None:
             ids, problem = self._read_ids()
             if problem:
-                raise StoreDamagedError(
-                    f"store {str(self.path)!r} is damaged: {problem}; {self.recompute_hint()}"
-                )
+                raise StoreDamagedError(f"store {self.url!r} is damaged: {problem}; {self.recompute_hint()}")
             self._ids = ids
         return self._ids
 
@@ -299,9 +249,7 @@ class FeatureStore:
             StoreMismatchError: ``ids`` are not the ones whose digest the store recorded.
         """
         if ids_digest(ids) != (self.attrs.get("integrity") or {}).get("ids_sha256"):
-            raise StoreMismatchError(
-                f"these ids are not the ones the store {str(self.path)!r} was made with."
-            )
+            raise StoreMismatchError(f"these ids are not the ones the store {self.url!r} was made with.")
         self._writable_group()["ids"][:] = np.asarray(ids, dtype=str)
         self._ids = None
 
@@ -313,7 +261,7 @@ class FeatureStore:
         try:
             command = index_command(self.attrs, self.path)
         except Exception:  # attributes too damaged to spell the command out
-            command = f"retrac index ... --out {self.path}"
+            command = f"retrac index ... --out {self.url}"
         return f"rerun `retrac index` with the same arguments (`{command}`): {what}"
 
     @property
@@ -327,18 +275,16 @@ class FeatureStore:
         return start, min(start + self.shard_rows, self.num_samples)
 
     # ------------------------------------------------------------------ ledger
-    def _ledger_file(self, k: int, shard: int) -> Path:
-        return self.path / "ledger" / checkpoint_group(k) / f"shard-{shard:06d}.json"
+    def _ledger_key(self, k: int, shard: int) -> str:
+        return f"ledger/{checkpoint_group(k)}/shard-{shard:06d}.json"
 
     def completed_shards(self, k: int) -> set[int]:
         """Shards of checkpoint ``k`` whose ledger entry exists (their data was written whole).
 
-        Cheap: the data is not read. :meth:`shard_problem` checks a shard's digest.
+        Cheap: the data is not read (one listing). :meth:`shard_problem` checks a shard's digest.
         """
-        folder = self.path / "ledger" / checkpoint_group(k)
-        if not folder.is_dir():
-            return set()
-        return {int(m.group(1)) for f in folder.iterdir() if (m := LEDGER_NAME.fullmatch(f.name))}
+        names = self.location.list(f"ledger/{checkpoint_group(k)}")
+        return {int(m.group(1)) for name in names if (m := LEDGER_NAME.fullmatch(name))}
 
     def ledger_entry(self, k: int, shard: int) -> dict | None:
         """The ledger entry of shard ``shard`` of checkpoint ``k`` (``None``: not computed yet).
@@ -346,21 +292,30 @@ class FeatureStore:
         Raises:
             StoreDamagedError: the entry is unreadable or describes another shard.
         """
-        path = self._ledger_file(k, shard)
+        key = self._ledger_key(k, shard)
+        name = key.rpartition("/")[2]
         try:
-            entry = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
+            text = self.location.read_text(key)
+            if text is None:
+                return None
+            entry = json.loads(text)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._damaged(k, shard, f"its ledger entry {path.name} cannot be read ({exc})") from None
+            raise self._damaged(k, shard, f"its ledger entry {name} cannot be read ({exc})") from None
         problem = ledger_entry_problem(entry, k, shard, self.shard_range(shard))
         if problem:
-            raise self._damaged(k, shard, f"its ledger entry {path.name} is not valid: {problem}")
+            raise self._damaged(k, shard, f"its ledger entry {name} is not valid: {problem}")
         return entry
 
     def drop_ledger_entry(self, k: int, shard: int) -> None:
         """Forget that shard ``shard`` of checkpoint ``k`` was computed (before recomputing it)."""
-        self._ledger_file(k, shard).unlink(missing_ok=True)
+        self.location.delete(self._ledger_key(k, shard))
+
+    def _write_ledger_entry(self, k: int, shard: int, entry: dict) -> None:
+        text = json.dumps(entry, sort_keys=True)
+        if self.location.is_local:  # through retrac._io: temporary file, then one rename
+            atomic_write_text(self.location.file(self._ledger_key(k, shard)), text)
+        else:  # one whole-object PUT is atomic
+            self.location.write_text(self._ledger_key(k, shard), text)
 
     def missing(self) -> list[tuple[int, int]]:
         """``(checkpoint, shard)`` pairs not yet in the ledger."""
@@ -380,7 +335,7 @@ class FeatureStore:
         missing = self.missing()
         if missing:
             raise DataError(
-                f"store {str(self.path)!r} is incomplete: {len(missing)} (checkpoint, shard) pairs are missing, "
+                f"store {self.url!r} is incomplete: {len(missing)} (checkpoint, shard) pairs are missing, "
                 f"e.g. {missing[:3]}; rerun the same `retrac index` command (every --shard I/N) to finish it."
             )
 
@@ -394,11 +349,22 @@ class FeatureStore:
         timesteps: np.ndarray,
         valid: np.ndarray,
     ) -> None:
-        """Write one whole shard of checkpoint ``k``, then its ledger entry (atomically)."""
+        """Write one whole shard of checkpoint ``k``, then its ledger entry (atomically).
+
+        ``features`` ``(n, S, d)`` float32 are stored as they are (full layout) or turned into the
+        TracIn and ReTrac train vectors first (compact layout, :func:`~retrac.indexer.layout.compact_vectors`).
+        """
+        from retrac.indexer.layout import compact_vectors
+
         start, stop = self.shard_range(shard)
         group = self._writable_group()[checkpoint_group(k)]
+        first = self.shard_arrays[0]
+        if self.layout == "compact":
+            features = compact_vectors(
+                np.asarray(features, dtype=np.float32), norms, valid, self.ids[start:stop]
+            )
         arrays = {
-            "features": np.ascontiguousarray(features, dtype=self.attrs["layout"]["dtype"]),
+            first: np.ascontiguousarray(features, dtype=self.attrs["layout"]["dtype"]),
             "norms": np.ascontiguousarray(norms, dtype=np.float32),
             "timesteps": np.ascontiguousarray(timesteps, dtype=np.int32),
             "valid": np.ascontiguousarray(valid, dtype=bool),
@@ -406,9 +372,10 @@ class FeatureStore:
         for name, data in arrays.items():
             self._write_region(group[name], start, stop, data)
         # the digest of the shard's data, recorded in its ledger entry and checked by read_shard
-        entry = {"checkpoint": k, "shard": shard, "rows": [start, stop], "sha256": shard_digest(arrays)}
+        digest = shard_digest(arrays, self.shard_arrays)
+        entry = {"checkpoint": k, "shard": shard, "rows": [start, stop], "sha256": digest}
         # the ledger entry appears only once the data is whole
-        atomic_write_text(self._ledger_file(k, shard), json.dumps(entry, sort_keys=True))
+        self._write_ledger_entry(k, shard, entry)
 
     @staticmethod
     def _write_region(array, start: int, stop: int, data: np.ndarray) -> None:
@@ -418,7 +385,9 @@ class FeatureStore:
         import zarr
 
         if not hasattr(self, "_write_group"):
-            self._write_group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            self._write_group = zarr.open_group(
+                self.location.zarr_store(read_only=False), mode="r+", zarr_format=3
+            )
         return self._write_group
 
     # ------------------------------------------------------------------ reading
@@ -435,13 +404,51 @@ class FeatureStore:
             return np.asarray(self._array(k, name)[rows])
         except Exception as exc:  # a missing array, a truncated or otherwise unreadable chunk
             raise StoreDamagedError(
-                f"store {str(self.path)!r} is damaged: {checkpoint_group(k)}/{name} rows {rows.start}-{rows.stop} "
+                f"store {self.url!r} is damaged: {checkpoint_group(k)}/{name} rows {rows.start}-{rows.stop} "
                 f"cannot be read ({type(exc).__name__}: {exc}); {self.recompute_hint()}"
             ) from None
 
     def features(self, k: int, rows: slice = slice(None)) -> np.ndarray:
-        """``phi_k`` of rows ``rows``: ``(n, S, d)`` float32 (not digest-checked: :meth:`read_shard` is)."""
+        """``phi_k`` of rows ``rows``: ``(n, S, d)`` float32 (not digest-checked: :meth:`read_shard` is).
+
+        Raises:
+            CompactStoreError: a compact store keeps no per-event features.
+        """
+        self.require_events("reading per-event features (FeatureStore.features)")
         return np.asarray(self._read(k, "features", rows), dtype=np.float32)
+
+    def require_events(self, use: str) -> None:
+        """Refuse ``use`` on a compact store: it needs every event's features, which only a full store keeps."""
+        if self.layout == "compact":
+            raise CompactStoreError(
+                f"{use} needs every event's features, but the store {self.url!r} is compact (it keeps only the "
+                "per-sample TracIn and ReTrac train vectors and the per-event norms); featurize again with "
+                "--layout full into a new --out."
+            )
+
+    def train_vectors(self, k: int, kind: str, rows: slice = slice(None)) -> np.ndarray:
+        """``u_k(z)`` of ``kind`` (``tracin`` / ``retrac``) for rows ``rows``: ``(n, d)`` float32.
+
+        A full store forms them from the features (:func:`~retrac.query.vectors.train_vectors`); a
+        compact store reads the ones it kept. Both give the same bits for a float32 store.
+        """
+        if self.layout == "compact":
+            block = FeatureBlock(0, 0, None, self.norms(k, rows), None, self.valid(k, rows))
+            block.vectors = np.asarray(self._read(k, "vectors", rows), dtype=np.float32)
+            return block.train_vectors(kind)
+        ids = self.ids[rows]
+        return train_vectors(self.features(k, rows), self.norms(k, rows), kind, self.valid(k, rows), ids)
+
+    def vector_blocks(
+        self, k: int, kind: str, block_rows: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Stream ``(start, u_k)`` blocks of checkpoint ``k``: ``u_k`` is ``(n, d)`` float32, unweighted.
+
+        Digest-checked as :meth:`blocks` is; works on full and compact stores alike.
+        """
+        ids = self.ids
+        for block in self.blocks(k, block_rows):
+            yield block.start, block.train_vectors(kind, ids[block.start : block.stop])
 
     def norms(self, k: int, rows: slice = slice(None)) -> np.ndarray:
         """``n_k`` of rows ``rows``: ``(n, S)`` float32 (exact or projected: see ``norm_kind``)."""
@@ -460,7 +467,7 @@ class FeatureStore:
         start, stop = self.shard_range(shard)
         where = f"shard {shard} (rows {start}-{stop}) of {checkpoint_group(k)}"
         error = StoreDamagedError(
-            f"store {str(self.path)!r} is damaged: {where}: {problem}; {self.recompute_hint(k, shard)}"
+            f"store {self.url!r} is damaged: {where}: {problem}; {self.recompute_hint(k, shard)}"
         )
         error.where, error.problem = where, problem
         return error
@@ -487,7 +494,7 @@ class FeatureStore:
         if verify and entry is None:
             raise self._damaged(k, shard, "it has no ledger entry (it was never computed)")
         raw = {}
-        for name in SHARD_ARRAYS:
+        for name in self.shard_arrays:
             try:
                 raw[name] = np.asarray(self._group[f"{checkpoint_group(k)}/{name}"][start:stop])
             except KeyError:
@@ -497,7 +504,7 @@ class FeatureStore:
                     k, shard, f"array {name} cannot be read ({type(exc).__name__}: {exc})"
                 ) from None
         if verify:
-            actual = shard_digest(raw)
+            actual = shard_digest(raw, self.shard_arrays)
             if actual != entry["sha256"]:
                 raise self._damaged(
                     k,
@@ -505,12 +512,9 @@ class FeatureStore:
                     f"its data has sha256 {actual[:12]}..., its ledger entry records {entry['sha256'][:12]}... "
                     "(a changed or missing chunk, or an entry for data never written)",
                 )
-        read_dtypes = (np.float32, np.float32, np.int32, bool)  # features, norms, timesteps, valid
-        return FeatureBlock(
-            start,
-            stop,
-            *(np.asarray(raw[n], dtype=t) for n, t in zip(SHARD_ARRAYS, read_dtypes, strict=True)),
-        )
+        read_dtypes = (np.float32, np.float32, np.int32, bool)  # features | vectors, norms, timesteps, valid
+        arrays = {n: np.asarray(raw[n], dtype=t) for n, t in zip(self.shard_arrays, read_dtypes, strict=True)}
+        return FeatureBlock(start, stop, arrays.pop("features", None), **arrays)
 
     def shard_problem(self, k: int, shard: int) -> str | None:
         """Why shard ``shard`` of checkpoint ``k`` is not whole (``None``: it matches its digest)."""
