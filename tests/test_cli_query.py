@@ -57,13 +57,16 @@ def test_query_json_has_method_indices_scores_ids(built, capsys):
         "fast",
     ]
     assert main([*args, "--json"]) == 0
-    payload = json.loads(capsys.readouterr().out)
+    document = json.loads(capsys.readouterr().out)
+    assert document["schema"] == "retrac.query" and list(document["results"]) == ["retrac"]
+    assert document["query_ids"] == [0, 1, 2]  # .npy row numbers stay integers
+    payload = document["results"]["retrac"]
     assert payload["method"] == "retrac"
     assert np.asarray(payload["indices"]).shape == (3, 4) == np.asarray(payload["scores"]).shape
     assert payload["ids"][0][0] == f"t{payload['indices'][0][0]}"
     assert all(np.diff(row).max() <= 0 for row in payload["scores"])
     assert main([*args, "--json", "--opponents"]) == 0
-    opponents = json.loads(capsys.readouterr().out)
+    opponents = json.loads(capsys.readouterr().out)["results"]["retrac"]
     assert max(map(max, opponents["scores"])) <= min(map(min, payload["scores"]))
 
 

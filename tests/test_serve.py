@@ -90,7 +90,8 @@ def _as_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def _by_method(payload: dict) -> dict:
-    return payload["results"] if "results" in payload else {payload["method"]: payload}
+    assert payload["schema"] == "retrac.query"  # the document `retrac query --json` prints
+    return payload["results"]
 
 
 def _assert_same_result(http: dict, expected, rtol: float = 1e-4) -> None:
@@ -151,8 +152,8 @@ def test_attribute_equals_attributor(client, service, heldout):
     assert set(_by_method(payload)) == set(METHODS)
     for method, result in _by_method(payload).items():
         _assert_same_result(result, service.attributor.attribute(images, K, method))
-        assert result["query_ids"] == ["three.npy[0]", "three.npy[1]", "three.npy[2]"]
         assert result["thumbnails"][0][0] == f"/samples/{result['ids'][0][0]}/image.png"
+    assert payload["query_ids"] == ["three.npy[0]", "three.npy[1]", "three.npy[2]"]
     assert len(payload["query_image_urls"]) == 3
     assert "gradients;dur=" in response.headers["server-timing"]
     one = client.post(
@@ -161,9 +162,11 @@ def test_attribute_equals_attributor(client, service, heldout):
         data={"k": 3, "method": "retrac", "opponents": "true"},
     )
     assert one.status_code == 200
-    assert one.json()["method"] == "retrac"  # one method: the bare object, as `retrac query --json`
+    assert list(_by_method(one.json())) == ["retrac"]  # one method: one entry, as `retrac query --json`
     assert 'batch;desc="0 images, 3 cached"' in one.headers["server-timing"]  # no gradients again
-    _assert_same_result(one.json(), service.attributor.attribute(images, 3, "retrac", opponents=True))
+    _assert_same_result(
+        one.json()["results"]["retrac"], service.attributor.attribute(images, 3, "retrac", opponents=True)
+    )
 
 
 def test_attribute_equals_cli_query_json(client, demo, heldout, tmp_path, capsys):
@@ -173,7 +176,7 @@ def test_attribute_equals_cli_query_json(client, demo, heldout, tmp_path, capsys
     png.write_bytes(_png(_as_uint8(heldout.images[7])))
     d = demo["dir"]
     argv = ["query", "--index", str(d / "index-tracin"), "--index", str(d / "index-retrac")]
-    assert main([*argv, "--images", str(png), "--k", "4", "--events", "fast", "--json"]) == 0
+    assert main([*argv, "--images", str(png), "--k", "4", "--query-events", "fast", "--json"]) == 0
     cli = json.loads(capsys.readouterr().out)
     http = client.post(
         "/attribute", files={"files": (png.name, png.read_bytes(), "image/png")}, data={"k": 4}
@@ -202,7 +205,9 @@ def test_example_by_id_and_labels(client, service, heldout):
     response = client.post("/attribute", data={"examples": example_id, "k": K, "method": "tracin"})
     assert response.status_code == 200, response.text
     assert response.json()["query_ids"] == [example_id]
-    _assert_same_result(response.json(), service.attributor.attribute(heldout.images[2:3], K, "tracin"))
+    _assert_same_result(
+        response.json()["results"]["tracin"], service.attributor.attribute(heldout.images[2:3], K, "tracin")
+    )
     unconditional = client.post("/attribute", data={"examples": example_id, "labels": "3"})
     assert unconditional.status_code == 422 and "unconditional" in unconditional.json()["detail"]
     assert client.post("/attribute", data={"examples": "heldout/no-such"}).status_code == 404
@@ -464,7 +469,8 @@ def test_concurrent_requests_share_one_gradient_batch(service, heldout):
         assert response.status_code == 200
         assert 'batch;desc="3 images' in response.headers["server-timing"] or i == 20
         _assert_same_result(
-            response.json(), service.attributor.attribute(heldout.images[i : i + 1], K, "retrac")
+            response.json()["results"]["retrac"],
+            service.attributor.attribute(heldout.images[i : i + 1], K, "retrac"),
         )
 
 
@@ -532,7 +538,9 @@ def test_client_disconnects_leave_the_service_working(service, heldout):
             f"{url}/attribute", files={"files": ("q.npy", body)}, data={"k": K, "method": "tracin"}
         )
         assert fine.status_code == 200
-        _assert_same_result(fine.json(), service.attributor.attribute(heldout.images[40:41], K, "tracin"))
+        _assert_same_result(
+            fine.json()["results"]["tracin"], service.attributor.attribute(heldout.images[40:41], K, "tracin")
+        )
 
 
 # ---------------------------------------------------------------------------------- command line

@@ -411,7 +411,11 @@ class BiasMeasurement:
     outlier_ids: list[str]
 
     def to_dict(self) -> dict:
+        """The ``retrac.report`` document (docs/design.md section 10): what ``bias.json`` holds."""
+        from retrac.schema import REPORT_SCHEMA, header
+
         return {
+            **header(REPORT_SCHEMA),
             "norm_timestep_spearman": _nan_float(self.norm_timestep_spearman),
             "norm_max_over_min": [_nan_float(p.max_over_min) for p in self.profiles],
             "topk": {m: t.to_dict() for m, t in self.topk.items()},

@@ -331,6 +331,7 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device:
     from retrac.query.attribution import Attributor, build_attribution_index
     from retrac.report.attribution import write_attribution_report
     from retrac.sampling import generate_images
+    from retrac.schema import query_document
     from retrac.serve.cli import serve_command_line
 
     out = Path(out)
@@ -400,7 +401,7 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device:
             "serve": serve_command_line(
                 indexes.values(), examples=[summary["heldout"], generated_path], audit="memory"
             ),
-            "results": {m: r.to_dict() for m, r in results.items()},
+            "results": query_document(results.values(), captions),
             "seconds": timings,
         }
     )

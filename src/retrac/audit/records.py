@@ -22,6 +22,7 @@ from retrac.audit.metrics import relative_distances, verdicts
 from retrac.audit.pixel_index import PixelIndex
 from retrac.data import ImageDataset
 from retrac.errors import DataError, StoreMismatchError
+from retrac.schema import AUDIT_SCHEMA, header
 
 
 @dataclass
@@ -39,6 +40,10 @@ class AuditResult:
     summary: dict
     self_influence: np.ndarray | None
     images: Tensor
+
+    def to_dict(self) -> dict:
+        """The ``retrac.audit`` document (docs/design.md section 10): what ``summary.json`` holds."""
+        return dict(self.summary)
 
 
 def audit_images(
@@ -175,6 +180,7 @@ def summarize(
             }
         )
     summary: dict[str, Any] = {
+        **header(AUDIT_SCHEMA),
         "num_images": n,
         "verdict_counts": {v: counts.get(v, 0) for v in VERDICTS},
         "copy_rate": counts.get("copy", 0) / n,

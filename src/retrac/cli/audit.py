@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from retrac.audit import AuditConfig
 from retrac.cli.options import QUERY_PRESETS_HELP, add_compute_options
@@ -86,6 +87,11 @@ def add_audit_command(sub) -> None:
         help=f"attribution query events T_q x M: {QUERY_PRESETS_HELP} (default: %(default)s)",
     )
     add_compute_options(p, device_help="torch device of gradients and sampling")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the retrac.audit JSON document (as OUT/summary.json holds it) instead of a summary",
+    )
     p.set_defaults(func=_run_audit)
 
 
@@ -115,11 +121,15 @@ def _run_audit(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
+    if args.json:  # the retrac.audit document, as OUT/summary.json holds it
+        print(json.dumps(summary))
+        return 0
     counts = ", ".join(f"{v} {c}" for v, c in summary["verdict_counts"].items())
     print(f"audited {summary['num_images']} images: {counts} (copy rate {summary['copy_rate']:.3f})")
     for hot in summary["hot_spots"][:5]:
+        top1 = ", ".join(f"{method} {count}" for method, count in hot["as_top1"].items()) or "no index"
         print(
-            f"hot spot {hot['id']}: {hot['outputs']} outputs (nearest of {hot['as_nearest']}, top-1 {hot['as_top1']})"
+            f"hot spot {hot['id']}: {hot['outputs']} outputs (nearest of {hot['as_nearest']}; top-1 under {top1})"
         )
     for name, path in summary["files"].items():
         print(f"{name + ':':<16}{path}")

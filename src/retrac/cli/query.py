@@ -44,7 +44,11 @@ def add_query_command(sub) -> None:
     )
     add_query_event_options(p)
     add_compute_options(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the retrac.query JSON document (schema_version, query_ids, results by method) instead of a table",
+    )
     p.set_defaults(func=_run_query)
 
 
@@ -53,6 +57,7 @@ def _run_query(args: argparse.Namespace) -> int:
 
     from retrac.data import load_dataset
     from retrac.query.attribution import Attributor
+    from retrac.schema import query_document, typed_ids
 
     images = load_dataset(args.images)
     attributor = Attributor(
@@ -63,10 +68,13 @@ def _run_query(args: argparse.Namespace) -> int:
     )
     labels = images.labels if attributor.task.is_class_conditional else None
     methods = [args.method] if args.method else attributor.methods
-    results = {m: attributor.attribute(images.images, args.k, m, args.opponents, labels) for m in methods}
-    if args.json:
-        payload = {m: {**r.to_dict(), "query_ids": images.ids} for m, r in results.items()}
-        print(json.dumps(next(iter(payload.values())) if len(payload) == 1 else {"results": payload}))
+    query_ids = typed_ids(images.ids, images.source)
+    results = {
+        m: attributor.attribute(images.images, args.k, m, args.opponents, labels, query_ids=query_ids)
+        for m in methods
+    }
+    if args.json:  # the retrac.query document (docs/design.md section 10), for one index or several
+        print(json.dumps(query_document(results.values())))
         return 0
     kind = "opponents" if args.opponents else "proponents"
     for method, result in results.items():

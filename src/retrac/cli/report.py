@@ -68,6 +68,11 @@ def add_report_command(sub) -> None:
     add_query_event_options(p)
     p.add_argument("--title", default=DEFAULT_TITLE, help="page title (default: %(default)s)")
     add_compute_options(p)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the retrac.report JSON document (as OUT/bias.json holds it) instead of a summary",
+    )
     p.set_defaults(func=_run_report)
 
 
@@ -96,7 +101,7 @@ def _run_report(args: argparse.Namespace) -> int:
         )
     train = load_dataset(data_path)
     if train.fingerprint != store.attrs["dataset"].get("fingerprint"):
-        same_ids = "same ids but other pixels or labels" if train.ids == store.ids else "other ids"
+        same_ids = "same ids but other pixels or labels" if train.ids == store.ids else "the ids differ"
         raise DataError(
             f"--data {data_path!r} does not hold the store's training samples ({same_ids}: fingerprint "
             f"{train.fingerprint[:16]}..., the store's {str(store.attrs['dataset'].get('fingerprint'))[:16]}...); "
@@ -115,7 +120,11 @@ def _run_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     queries = list(zip([str(i) for i in images.ids], images.images, strict=True))
     page = write_bias_report(out, measurement, queries, train, title=args.title)
-    atomic_write_text(out / "bias.json", json.dumps(measurement.to_dict(), indent=2))
+    document = measurement.to_dict()  # the retrac.report document (docs/design.md section 10)
+    atomic_write_text(out / "bias.json", json.dumps(document, indent=2))
+    if args.json:
+        print(json.dumps(document))
+        return 0
     print(f"norm-timestep Spearman (mean over checkpoints): {measurement.norm_timestep_spearman:.3f}")
     for method, stats in measurement.topk.items():
         outlier = f", outlier share {stats.outlier_share:.3f}" if stats.num_outliers else ""

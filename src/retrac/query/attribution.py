@@ -19,16 +19,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrac._io import read_json
+from retrac._io import atomic_save_npz, read_json
 from retrac.checkpoints import load_unet, state_dict_sha256
 from retrac.errors import ConfigError, DataError, StoreMismatchError
 from retrac.events import derive_seed, noise_from_seed
 from retrac.projection import projected_gradients
-from retrac.query.index import SearchIndex, build_index, load_index, save_index
-from retrac.query.provenance import KERNEL_FILENAME, Kernel, derive_method, kernel_arrays
+from retrac.query.index import SearchIndex, build_index, load_index, save_index, search
 from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors, train_vectors
 from retrac.task import DEFAULT_DEVICE
 
+KERNEL_FILENAME = "kernel.npz"
 DEFAULT_BLOCK_ROWS = 4096
 QUERY_PRESETS = {"default": (10, 2), "fast": (4, 1), "paper": (100, 16)}  # name: (T_q, M)
 DEFAULT_QUERY_PRESET = "default"
@@ -148,7 +148,8 @@ def build_attribution_index(
     method = method if isinstance(method, Method) else Method.named(method, kernel)
     method.check_objective(store.config.objective)
     out = Path(out)
-    kernel_record, files = None, {}
+    out.mkdir(parents=True, exist_ok=True)
+    kernel_record = None
     if method.uses_kernel:
         # Kernel: (Phi_k^T Phi_k + lambda_k I)^-1, Phi_k the stacked u_k, accumulated block by block.
         inverses, lambdas = [], []
@@ -159,8 +160,9 @@ def build_attribution_index(
             inverse, lam = acc.preconditioner(method.kernel_c)
             inverses.append(inverse)
             lambdas.append(lam)
-        kernel = Kernel(method.kernel_c, np.asarray(lambdas), np.stack(inverses))
-        files[KERNEL_FILENAME] = lambda path: _save_npz(path, kernel_arrays(kernel))
+        atomic_save_npz(
+            out / KERNEL_FILENAME, preconditioners=np.stack(inverses), lambdas=np.asarray(lambdas)
+        )
         kernel_record = {"c": method.kernel_c, "lambdas": lambdas, "file": KERNEL_FILENAME}
     dim = store.dim * store.num_checkpoints
     built = build_index(
@@ -175,13 +177,8 @@ def build_attribution_index(
         kind=index,
         device=device,
     )
-    save_index(built, out, _manifest(store, method, kernel_record), files=files)  # one folder, one rename
+    save_index(built, out, _manifest(store, method, kernel_record))
     return built
-
-
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as handle:  # a handle: np.savez would append .npz to a path
-        np.savez(handle, **arrays)
 
 
 def _manifest(store, method: Method, kernel_record: dict | None) -> dict:
@@ -220,8 +217,7 @@ class AttributionResult:
         scores: ``(n_query, k)`` float32, descending (proponents) or ascending (opponents).
         ids: ``n_query`` lists of ``k`` training sample ids.
         opponents: whether these are the most negative scores.
-        search_note: how an approximate index that found fewer than ``k`` rows for some queries was
-            filled (wider search, or exact search over its vectors); ``None`` when it was not needed.
+        query_ids: one id per query (``None``: row numbers ``0..n_query-1``).
     """
 
     method: str
@@ -229,17 +225,41 @@ class AttributionResult:
     scores: np.ndarray
     ids: list[list[str]]
     opponents: bool = False
-    search_note: str | None = None
+    query_ids: list | None = None
 
     def to_dict(self) -> dict:
-        return {
-            "method": self.method,
-            "opponents": self.opponents,
-            "indices": self.indices.tolist(),
-            "scores": self.scores.tolist(),
-            "ids": self.ids,
-            "score_meaning": "I(z, z') = sum_k w_k <u_k(z), q_k(z')>; positive = proponent, negative = opponent",
-        }
+        """The ``retrac.query`` document (docs/design.md section 10) with this one method under ``results``:
+        exactly what ``retrac query --json`` prints for one index."""
+        from retrac.schema import query_document
+
+        return query_document([self])
+
+    @classmethod
+    def from_dict(cls, document: dict, method: str | None = None) -> AttributionResult:
+        """Read one method's result back from a ``retrac.query`` document (ids keep their JSON types).
+
+        Raises:
+            DataError: not a ``retrac.query`` document of this schema version, or no such method.
+        """
+        from retrac.schema import QUERY_SCHEMA
+        from retrac.schema.models import validate_document
+
+        validate_document(document, QUERY_SCHEMA)
+        results = document["results"]
+        if method is None and len(results) != 1:
+            raise DataError(f"the document holds methods {', '.join(results)}; name one.")
+        if method is not None and method not in results:
+            raise DataError(f"the document holds no method {method!r}; it holds {', '.join(results)}.")
+        entry = results[method] if method is not None else next(iter(results.values()))
+        k = entry["k"]
+        return cls(
+            method=entry["method"],
+            indices=np.asarray(entry["indices"], dtype=np.int64).reshape(-1, k),
+            scores=np.asarray(entry["scores"], dtype=np.float32).reshape(-1, k),
+            ids=[list(row) for row in entry["ids"]],
+            opponents=entry["opponents"],
+            query_ids=list(document["query_ids"]),
+        )
 
 
 @dataclass
@@ -282,15 +302,14 @@ class Attributor:
         self._store = _open_store(store_path)
         self._loaded: dict[str, _LoadedIndex] = {}
         for directory, manifest in zip(dirs, manifests, strict=True):
-            expect = _manifest(self._store, Method.named(DEFAULT_METHOD), None)
-            expect = {"store": expect["store"], "checkpoints": expect["checkpoints"]}
+            method = Method(**manifest["method"])
+            expect = _manifest(self._store, method, manifest.get("kernel"))
             expect["store"].pop("path")  # the store may have moved; its fingerprint must match
-            index = load_index(directory, expect=expect)  # seal and file digests checked first
-            # The method is re-derived from what was built (the rows against the store, kernel.npz),
-            # never taken from the manifest alone: docs/design.md section 6.
-            method, kernel = derive_method(directory, manifest, index, self._store)
-            preconditioners = None if kernel is None else kernel.preconditioners
-            index.vector_source = lambda method=method: train_vector_blocks(self._store, method)
+            index = load_index(directory, expect=expect)
+            preconditioners = None
+            if method.uses_kernel:
+                with np.load(Path(directory) / KERNEL_FILENAME) as kernel:
+                    preconditioners = kernel["preconditioners"]
             if method.name in self._loaded:
                 raise ConfigError(f"two indexes of method {method.name!r}; give one index per method.")
             self._loaded[method.name] = _LoadedIndex(
@@ -343,9 +362,15 @@ class Attributor:
         return self._tasks[-1]
 
     # ------------------------------------------------------------------ queries
-    def query_features(self, images: Tensor, class_labels: Tensor | None = None) -> list[np.ndarray]:
-        """Projected query gradients per checkpoint: ``K`` arrays ``(n_query, T_q, M, d)`` float32."""
+    def query_features(
+        self, images: Tensor | np.ndarray, class_labels: Tensor | np.ndarray | None = None
+    ) -> list[np.ndarray]:
+        """Projected query gradients per checkpoint: ``K`` arrays ``(n_query, T_q, M, d)`` float32.
+
+        ``images`` and ``class_labels`` may be torch tensors or numpy arrays (labels: integers ``(n_query,)``).
+        """
         images = torch.as_tensor(images, dtype=torch.float32)
+        class_labels = _as_labels(class_labels, images.shape[0])
         self._tasks[0].check_images(images, "query images")
         key = hashlib.sha256(
             images.numpy().tobytes() + (b"" if class_labels is None else class_labels.numpy().tobytes())
@@ -403,7 +428,8 @@ class Attributor:
         k: int = DEFAULT_TOP_K,
         method: str | None = None,
         opponents: bool = False,
-        class_labels: Tensor | None = None,
+        class_labels: Tensor | np.ndarray | None = None,
+        query_ids: list | None = None,
     ) -> AttributionResult:
         """Top-``k`` proponents (or opponents) of each query image under ``method``.
 
@@ -413,6 +439,7 @@ class Attributor:
             method: one of :attr:`methods`; may be omitted when only one index is loaded.
             opponents: return the most negative scores instead of the most positive.
             class_labels: ``(n_query,)`` labels for a class-conditional model.
+            query_ids: one id per query, carried into the result (default: row numbers).
 
         Returns:
             An :class:`AttributionResult` with ``(n_query, k)`` indices and scores.
@@ -423,15 +450,15 @@ class Attributor:
                 f"k={k} must lie in [1, {self._store.num_samples}] (the number of training samples)."
             )
         queries = self.query_vectors(images, loaded.method.name, class_labels)
-        found = loaded.index.find(queries, k, opponents=opponents)  # never padding: see SearchResult
+        scores, indices = search(loaded.index, queries, k, opponents=opponents)
         ids = self._store.ids
         return AttributionResult(
             method=loaded.method.name,
-            indices=found.indices,
-            scores=found.scores,
-            ids=[[ids[i] for i in row] for row in found.indices.tolist()],
+            indices=indices,
+            scores=scores,
+            ids=[[ids[i] for i in row] for row in indices.tolist()],
             opponents=opponents,
-            search_note=found.note,
+            query_ids=None if query_ids is None else list(query_ids),
         )
 
     def _method(self, method: str | None) -> _LoadedIndex:
@@ -442,6 +469,19 @@ class Attributor:
         if method not in self._loaded:
             raise ConfigError(f"no index of method {method!r} is loaded; loaded: {', '.join(self._loaded)}.")
         return self._loaded[method]
+
+
+def _as_labels(class_labels, num_queries: int) -> Tensor | None:
+    """Class labels as an int64 tensor ``(n_query,)`` from a tensor, a numpy array or a list."""
+    if class_labels is None:
+        return None
+    array = np.asarray(class_labels.cpu() if isinstance(class_labels, Tensor) else class_labels)
+    if array.ndim != 1 or array.shape[0] != num_queries or (array.size and array.dtype.kind not in "iu"):
+        raise DataError(
+            f"class_labels of shape {array.shape} and dtype {array.dtype}: give {num_queries} integer labels, "
+            "one per query image."
+        )
+    return torch.from_numpy(array.astype(np.int64))
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

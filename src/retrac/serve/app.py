@@ -228,10 +228,10 @@ def create_app(service: AttributionService) -> FastAPI:
             str | None, Form(description="class labels, comma-separated (class-conditional models)")
         ] = None,
     ) -> JSONResponse:
-        """The object `retrac query --json` prints for the same images and options: with one
-        method, `{method, opponents, indices, scores, ids, score_meaning, query_ids}` (indices, scores
-        and ids `(n_query, k)`, best first); with several, `{"results": {method: object}}`. Each
-        object adds `thumbnails` (`(n_query, k)` image URLs of the training samples), and
+        """The `retrac.query` document `retrac query --json` prints for the same images and options:
+        `{schema, schema_version, score_meaning, query_ids, results: {method: {method, opponents, k,
+        indices, scores, ids}}}` (indices, scores and ids `(n_query, k)`, best first), one entry per
+        method asked. Each entry adds `thumbnails` (`(n_query, k)` image URLs of the training samples), and
         `query_image_urls` names the query images. `Server-Timing` gives the milliseconds spent
         queued, in query gradients (shared by the batch) and in index search."""
         images, ids, label_tensor = await _read_images(service, files, examples, labels)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import ConfigError, DataError
+from retrac.schema import query_document
 from retrac.serve.batcher import BatchTiming, QueryBatcher
 from retrac.serve.config import ServeConfig
 
@@ -358,12 +359,11 @@ class AttributionService:
         method: str | None,
         opponents: bool,
     ) -> tuple[dict[str, Any], Timing]:
-        """``POST /attribute``: the object ``retrac query --json`` prints, plus image URLs.
+        """``POST /attribute``: the ``retrac.query`` document ``retrac query --json`` prints, plus image URLs.
 
-        With one method (named, or the only one loaded) it is that method's result object,
-        otherwise ``{"results": {method: object}}``, as the CLI prints. Each object is
-        ``AttributionResult.to_dict()`` with ``query_ids``, plus ``thumbnails`` (``(n_query, k)``
-        URLs of the training samples' images); ``query_image_urls`` names the query images.
+        ``results`` holds one entry per method asked (named, or every loaded one), as the CLI prints
+        (docs/design.md section 10); each entry adds ``thumbnails`` (``(n_query, k)`` URLs of the
+        training samples' images) and ``query_image_urls`` names the query images.
         """
         methods = self.check_methods(method)
         k = self.check_k(k)
@@ -371,15 +371,9 @@ class AttributionService:
         vectors, keys, timing = await self.query_vectors(images, labels)
         self._remember(keys, query_ids, images, vectors)
         results, timing.search_s = await self._run_searches(vectors, methods, k, opponents)
-        objects = {
-            m: {
-                **r.to_dict(),
-                "query_ids": list(query_ids),
-                "thumbnails": [[sample_image_url(i) for i in row] for row in r.ids],
-            }
-            for m, r in results.items()
-        }
-        payload = next(iter(objects.values())) if len(objects) == 1 else {"results": objects}
+        payload = query_document(results.values(), query_ids)
+        for m, entry in payload["results"].items():
+            entry["thumbnails"] = [[sample_image_url(i) for i in row] for row in results[m].ids]
         payload["query_image_urls"] = [query_image_url(key) for key in keys]
         self.answered += 1
         return payload, timing
