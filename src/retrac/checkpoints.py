@@ -3,10 +3,16 @@
 Layouts understood for a path ``P``:
 
 * ``P/config.json`` + ``P/diffusion_pytorch_model.safetensors`` (a ``UNet2DModel.save_pretrained``);
-* ``P/unet/...`` (a pipeline folder, or a ``checkpoint-N/`` saved by diffusers' training scripts,
-  whose accelerate save hook writes ``unet/``);
+* ``P/unet/...`` or ``P/transformer/...`` (a pipeline folder, or a ``checkpoint-N/`` saved by
+  diffusers' training scripts, whose accelerate save hook writes ``unet/``);
 * ``P/model.safetensors`` (a plain ``accelerator.save_state``), with the model config taken from
   ``P/../unet/config.json`` or ``P/../config.json``.
+
+The denoiser's class comes from its config's ``_class_name`` (:func:`retrac.denoisers.denoiser_class`:
+``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``, ``Transformer2DModel``; any
+other is refused by name). A folder holding only ``pytorch_lora_weights.safetensors`` (diffusers'
+LoRA training scripts) is a LoRA checkpoint: its sha256 is over the adapter weights, and
+:mod:`retrac.pipeline` loads it onto its base model.
 
 Weights are read with safetensors, or ``torch.load(..., weights_only=True)`` for ``.bin`` files:
 nothing is unpickled. A checkpoint's weight ``w_k`` (docs/design.md section 1: learning rate times steps
@@ -34,6 +40,8 @@ from retrac.errors import CheckpointError, StoreMismatchError
 
 MODEL_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 ACCELERATE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+LORA_WEIGHT_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' LoRA training scripts save
+DENOISER_FOLDERS = ("unet", "transformer")  # a pipeline's denoiser subfolder
 CHECKPOINT_INFO = "retrac_checkpoint.json"
 DEFAULT_CHECKPOINT_WEIGHT = 1.0  # w_k when neither PATH=WEIGHT nor retrac_checkpoint.json gives one
 
@@ -89,7 +97,7 @@ def _find_model_dir(path: Path) -> tuple[Path, Path]:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not exist; give a save_pretrained or checkpoint-N folder."
         )
-    for model_dir in (path, path / "unet"):
+    for model_dir in (path, *(path / name for name in DENOISER_FOLDERS)):
         if (model_dir / "config.json").is_file():
             for name in MODEL_WEIGHT_FILES:
                 if (model_dir / name).is_file():
@@ -107,10 +115,35 @@ def _find_model_dir(path: Path) -> tuple[Path, Path]:
                 f"checkpoint {str(path)!r} holds {name} but no model config was found in "
                 f"{str(path.parent / 'unet')!r} or {str(path.parent)!r}; save the model config there."
             )
+    if lora_weights_file(path) is not None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds LoRA adapter weights ({LORA_WEIGHT_FILE}) and no model: give the base "
+            "model they were trained on with --base-model PATH (Python: ModelParts(base_model=PATH))."
+        )
     raise CheckpointError(
         f"{str(path)!r} is not a checkpoint: expected config.json with diffusion_pytorch_model.safetensors, "
-        "a unet/ subfolder, or an accelerate model.safetensors."
+        f"a unet/ or transformer/ subfolder, an accelerate model.safetensors, or {LORA_WEIGHT_FILE}."
     )
+
+
+def lora_weights_file(path: str | Path) -> Path | None:
+    """The LoRA weights of a checkpoint: ``path`` itself (a ``.safetensors`` file) or ``path/pytorch_lora_weights.safetensors``."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    return path / LORA_WEIGHT_FILE if (path / LORA_WEIGHT_FILE).is_file() else None
+
+
+def is_lora_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds LoRA adapter weights and no whole model."""
+    path = Path(path)
+    if lora_weights_file(path) is None:
+        return False
+    try:
+        _find_model_dir(path)
+    except CheckpointError:
+        return True
+    return False
 
 
 def load_state_dict(weights_file: Path) -> dict[str, Tensor]:
@@ -139,13 +172,14 @@ def state_dict_sha256(state_dict: dict[str, Tensor]) -> str:
 
 
 def load_unet(path: str | Path):
-    """Load the ``UNet2DModel`` (or other diffusers model) of a checkpoint on the CPU."""
-    config_dir, weights_file = _find_model_dir(Path(path))
-    from diffusers import UNet2DModel
+    """Load the denoiser of a checkpoint on the CPU (its class from the config, see :mod:`retrac.denoisers`)."""
+    from retrac.denoisers import denoiser_class
 
+    config_dir, weights_file = _find_model_dir(Path(path))
+    config = read_json(config_dir / "config.json", "model config", CheckpointError)
+    model_class = denoiser_class(config, str(config_dir))  # an unsupported class is named, not misparsed
     try:
-        config = UNet2DModel.load_config(str(config_dir))
-        model = UNet2DModel.from_config(config)
+        model = model_class.from_config(model_class.load_config(str(config_dir)))
     except Exception as exc:
         raise CheckpointError(f"model config in {str(config_dir)!r} cannot be read: {exc}") from exc
     state = load_state_dict(weights_file)
@@ -203,7 +237,7 @@ def resolve_checkpoint(spec: str | Path, weight: float | None = None) -> Checkpo
     """
     path_str, spec_weight = parse_checkpoint_spec(str(spec))
     path = Path(path_str)
-    _, weights_file = _find_model_dir(path)
+    weights_file = lora_weights_file(path) if is_lora_checkpoint(path) else _find_model_dir(path)[1]
     info = {}
     if (path / CHECKPOINT_INFO).is_file():
         info = read_json(path / CHECKPOINT_INFO, "checkpoint info", CheckpointError)
