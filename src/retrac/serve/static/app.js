@@ -3,7 +3,7 @@
 // POST /audit, GET /samples/{id}.
 "use strict";
 
-const state = { info: null, methods: [], query: null, pickedExample: null, busy: false };
+const state = { info: null, methods: [], query: null, pickedExample: null, busy: false, shown: {} };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, children = []) {
@@ -63,7 +63,7 @@ async function init() {
   $("score-note").textContent = `Score: ${info.score_meaning}. Scores compare across queries of one method, not across methods.`;
   const k = $("k");
   k.max = info.limits.max_k;
-  k.value = Math.min(8, info.limits.max_k);
+  k.value = Math.min(6, info.limits.max_k);
   const box = $("methods");
   for (const method of state.methods) {
     box.append(el("label", {}, [
@@ -85,14 +85,30 @@ function renderExamples(examples) {
   if (!examples.length) return;
   $("examples-box").hidden = false;
   const list = $("examples");
-  for (const example of examples) {
+  examples.forEach((example, i) => {
     const label = example.label === null ? example.id : `${example.id} (label ${example.label})`;
     list.append(el("li", {}, el("button", {
       type: "button", "aria-pressed": "false", title: label, "aria-label": `example ${label}`,
-      dataset: { example: example.id },
+      tabindex: i === 0 ? "0" : "-1", dataset: { example: example.id },
       onclick: (event) => pickExample(example, event.currentTarget),
-    }, el("img", { src: example.image_url, alt: "", width: 40, height: 40 }))));
-  }
+    }, el("img", { src: example.image_url, alt: "", width: 32, height: 32 }))));
+  });
+  // One Tab stop for the whole gallery; arrow keys, Home and End move within it (roving tabindex).
+  list.addEventListener("keydown", (event) => {
+    const buttons = [...list.querySelectorAll("button")];
+    const at = buttons.indexOf(document.activeElement);
+    if (at < 0) return;
+    const perRow = Math.max(1, Math.round(list.clientWidth / buttons[0].offsetWidth));
+    const step = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: perRow, ArrowUp: -perRow }[event.key];
+    let next = step === undefined ? null : Math.min(buttons.length - 1, Math.max(0, at + step));
+    if (event.key === "Home") next = 0;
+    if (event.key === "End") next = buttons.length - 1;
+    if (next === null) return;
+    event.preventDefault();
+    buttons[at].tabIndex = -1;
+    buttons[next].tabIndex = 0;
+    buttons[next].focus();
+  });
 }
 
 function applyMethodToggles() {
@@ -132,8 +148,9 @@ async function runQuery(query) {
   state.query = query;
   document.body.dataset.state = "busy";
   setStatus(`Computing the query gradients of ${query.name}\u2026`);
-  const k = Math.max(1, Math.min(Number($("k").value) || 8, state.info.limits.max_k));
+  const k = Math.max(1, Math.min(Number($("k").value) || 6, state.info.limits.max_k));
   const wantOpponents = $("show-opponents").checked;
+  state.shown = { k: String($("k").value), opponents: wantOpponents };
   try {
     const calls = [api("/attribute", { method: "POST", body: formFor(query, { k, opponents: false }) })];
     if (wantOpponents) calls.push(api("/attribute", { method: "POST", body: formFor(query, { k, opponents: true }) }));
@@ -166,8 +183,9 @@ function sampleButton(id, score, thumbnail, extra = "") {
     type: "button", class: "sample", dataset: { id },
     "aria-label": `${id}, score ${fmt(score)}${extra}. Show the queries it influences most.`,
     onclick: () => showSample(id),
+    title: id,
   }, [
-    el("img", { src: thumbnail, alt: "", width: 56, height: 56, loading: "lazy" }),
+    el("img", { src: thumbnail, alt: "", width: 56, height: 56 }),
     el("span", { class: "id", text: id }),
     el("span", { class: "score", text: fmt(score) }),
   ]);
@@ -185,11 +203,11 @@ function renderResults(proponents, opponents) {
   for (const method of Object.keys(proponents)) {
     const column = el("section", { class: "method", dataset: { method }, "aria-label": `method ${method}` }, [
       el("h3", { text: method }),
-      el("h4", { class: "pro", text: "Proponents (score > 0: a step on it lowers the query's loss)" }),
+      el("h4", { class: "pro", text: "Proponents (highest scores)", title: "a gradient step on these lowers the query's loss" }),
       resultList(proponents[method], "proponents"),
     ]);
     if (opponents && opponents[method]) {
-      column.append(el("h4", { class: "opp", text: "Opponents (most negative scores)" }));
+      column.append(el("h4", { class: "opp", text: "Opponents (most negative scores)", title: "a gradient step on these raises the query's loss" }));
       column.append(resultList(opponents[method], "opponents"));
     }
     box.append(column);
@@ -203,19 +221,21 @@ function renderAudit(record) {
   if (!record) { box.hidden = true; return; }
   box.hidden = false;
   box.dataset.verdict = record.verdict;
-  box.append(el("h3", {}, ["Memorization audit: ", el("span", { class: `verdict ${record.verdict}`, text: record.verdict })]));
-  box.append(el("p", { class: "note", text:
-    `relative distance r = ${fmt(record.relative_distance)} (copy below ${fmt(record.thresholds.copy)}, near below ` +
-    `${fmt(record.thresholds.near)}); nearest L2 distance ${fmt(record.nn_distance)}, mean of the ${record.num_neighbours} nearest ` +
-    `${fmt(record.mean_neighbour_distance)}.` }));
-  const ranks = Object.entries(record.proponents).map(([m, p]) => `${m}: ${p.nn_rank === null ? "not in the top k" : `rank ${p.nn_rank}`}`);
-  if (ranks.length) box.append(el("p", { class: "note", text: `The nearest training image among the proponents: ${ranks.join("; ")}.` }));
+  const text = el("div", { class: "audit-text" }, [
+    el("h3", {}, ["Memorization audit: ", el("span", { class: `verdict ${record.verdict}`, text: record.verdict })]),
+    el("p", { class: "note", text:
+      `relative distance r = ${fmt(record.relative_distance)} (copy below ${fmt(record.thresholds.copy)}, near below ` +
+      `${fmt(record.thresholds.near)}): nearest L2 distance ${fmt(record.nn_distance)} over the mean ` +
+      `${fmt(record.mean_neighbour_distance)} of the ${record.num_neighbours} nearest distinct training images.` }),
+  ]);
+  const ranks = Object.entries(record.proponents).map(([m, p]) => `${m} ${p.nn_rank === null ? "not in the top k" : `rank ${p.nn_rank}`}`);
+  if (ranks.length) text.append(el("p", { class: "note", text: `The nearest training image among the proponents: ${ranks.join(", ")}.` }));
   const list = el("ol", { class: "grid", dataset: { kind: "nearest" }, "aria-label": "nearest training images" });
   for (const near of record.nearest) {
     const dup = near.duplicates > 1 ? `, ${near.duplicates} copies` : "";
     list.append(el("li", {}, sampleButton(near.id, near.distance, near.image_url, ` (L2 distance${dup})`)));
   }
-  box.append(el("h4", { text: "Nearest training images (L2 distance)" }), list);
+  box.append(text, el("div", { class: "audit-nearest" }, [el("h4", { text: "Nearest training images (L2 distance)" }), list]));
 }
 
 // ------------------------------------------------------------------------------------ one sample
@@ -234,8 +254,9 @@ async function showSample(id) {
     for (const [key, value] of Object.entries(meta)) {
       $("sample-meta").append(el("dt", { text: key }), el("dd", { text: value === null ? "none" : String(value) }));
     }
-    $("sample-note").textContent = `Among the ${info.queries_considered} queries this server has answered (kept in memory), ` +
-      "highest score first.";
+    const n = info.queries_considered;
+    $("sample-note").textContent = `Scored against the ${n} ${n === 1 ? "query" : "queries"} this server has answered ` +
+      "(kept in memory), highest score first.";
     for (const [method, rows] of Object.entries(info.influenced)) {
       const list = el("ol", { class: "grid", dataset: { method, kind: "influenced" }, "aria-label": `${method} influenced queries` });
       for (const row of rows) {
@@ -262,7 +283,11 @@ function wire() {
     event.preventDefault();
     if (event.dataTransfer && event.dataTransfer.files.length) pickFile(event.dataTransfer.files[0]);
   });
-  const rerun = () => { if (state.query && !state.busy) runQuery(state.query); };
+  // Ask again when k or "opponents too" changed since the answer on screen (not on every blur).
+  const rerun = () => {
+    const k = String($("k").value), opponents = $("show-opponents").checked;
+    if (state.query && !state.busy && (state.shown.k !== k || state.shown.opponents !== opponents)) runQuery(state.query);
+  };
   $("k").addEventListener("change", rerun);
   $("show-opponents").addEventListener("change", rerun);
   init();
