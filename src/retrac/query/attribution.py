@@ -19,16 +19,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrac._io import atomic_save_npz, read_json
+from retrac._io import read_json
 from retrac.checkpoints import load_unet, state_dict_sha256
 from retrac.errors import ConfigError, DataError, StoreMismatchError
 from retrac.events import derive_seed, noise_from_seed
 from retrac.projection import projected_gradients
-from retrac.query.index import SearchIndex, build_index, load_index, save_index, search
+from retrac.query.index import SearchIndex, build_index, load_index, save_index
+from retrac.query.provenance import KERNEL_FILENAME, Kernel, derive_method, kernel_arrays
 from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors, train_vectors
 from retrac.task import DEFAULT_DEVICE
 
-KERNEL_FILENAME = "kernel.npz"
 DEFAULT_BLOCK_ROWS = 4096
 QUERY_PRESETS = {"default": (10, 2), "fast": (4, 1), "paper": (100, 16)}  # name: (T_q, M)
 DEFAULT_QUERY_PRESET = "default"
@@ -148,8 +148,7 @@ def build_attribution_index(
     method = method if isinstance(method, Method) else Method.named(method, kernel)
     method.check_objective(store.config.objective)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    kernel_record = None
+    kernel_record, files = None, {}
     if method.uses_kernel:
         # Kernel: (Phi_k^T Phi_k + lambda_k I)^-1, Phi_k the stacked u_k, accumulated block by block.
         inverses, lambdas = [], []
@@ -160,9 +159,8 @@ def build_attribution_index(
             inverse, lam = acc.preconditioner(method.kernel_c)
             inverses.append(inverse)
             lambdas.append(lam)
-        atomic_save_npz(
-            out / KERNEL_FILENAME, preconditioners=np.stack(inverses), lambdas=np.asarray(lambdas)
-        )
+        kernel = Kernel(method.kernel_c, np.asarray(lambdas), np.stack(inverses))
+        files[KERNEL_FILENAME] = lambda path: _save_npz(path, kernel_arrays(kernel))
         kernel_record = {"c": method.kernel_c, "lambdas": lambdas, "file": KERNEL_FILENAME}
     dim = store.dim * store.num_checkpoints
     built = build_index(
@@ -177,8 +175,13 @@ def build_attribution_index(
         kind=index,
         device=device,
     )
-    save_index(built, out, _manifest(store, method, kernel_record))
+    save_index(built, out, _manifest(store, method, kernel_record), files=files)  # one folder, one rename
     return built
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a handle: np.savez would append .npz to a path
+        np.savez(handle, **arrays)
 
 
 def _manifest(store, method: Method, kernel_record: dict | None) -> dict:
@@ -217,6 +220,8 @@ class AttributionResult:
         scores: ``(n_query, k)`` float32, descending (proponents) or ascending (opponents).
         ids: ``n_query`` lists of ``k`` training sample ids.
         opponents: whether these are the most negative scores.
+        search_note: how an approximate index that found fewer than ``k`` rows for some queries was
+            filled (wider search, or exact search over its vectors); ``None`` when it was not needed.
         query_ids: one id per query (``None``: row numbers ``0..n_query-1``).
     """
 
@@ -225,6 +230,7 @@ class AttributionResult:
     scores: np.ndarray
     ids: list[list[str]]
     opponents: bool = False
+    search_note: str | None = None
     query_ids: list | None = None
 
     def to_dict(self) -> dict:
@@ -302,14 +308,15 @@ class Attributor:
         self._store = _open_store(store_path)
         self._loaded: dict[str, _LoadedIndex] = {}
         for directory, manifest in zip(dirs, manifests, strict=True):
-            method = Method(**manifest["method"])
-            expect = _manifest(self._store, method, manifest.get("kernel"))
+            expect = _manifest(self._store, Method.named(DEFAULT_METHOD), None)
+            expect = {"store": expect["store"], "checkpoints": expect["checkpoints"]}
             expect["store"].pop("path")  # the store may have moved; its fingerprint must match
-            index = load_index(directory, expect=expect)
-            preconditioners = None
-            if method.uses_kernel:
-                with np.load(Path(directory) / KERNEL_FILENAME) as kernel:
-                    preconditioners = kernel["preconditioners"]
+            index = load_index(directory, expect=expect)  # seal and file digests checked first
+            # The method is re-derived from what was built (the rows against the store, kernel.npz),
+            # never taken from the manifest alone: docs/design.md section 6.
+            method, kernel = derive_method(directory, manifest, index, self._store)
+            preconditioners = None if kernel is None else kernel.preconditioners
+            index.vector_source = lambda method=method: train_vector_blocks(self._store, method)
             if method.name in self._loaded:
                 raise ConfigError(f"two indexes of method {method.name!r}; give one index per method.")
             self._loaded[method.name] = _LoadedIndex(
@@ -450,14 +457,15 @@ class Attributor:
                 f"k={k} must lie in [1, {self._store.num_samples}] (the number of training samples)."
             )
         queries = self.query_vectors(images, loaded.method.name, class_labels)
-        scores, indices = search(loaded.index, queries, k, opponents=opponents)
+        found = loaded.index.find(queries, k, opponents=opponents)  # never padding: see SearchResult
         ids = self._store.ids
         return AttributionResult(
             method=loaded.method.name,
-            indices=indices,
-            scores=scores,
-            ids=[[ids[i] for i in row] for row in indices.tolist()],
+            indices=found.indices,
+            scores=found.scores,
+            ids=[[ids[i] for i in row] for row in found.indices.tolist()],
             opponents=opponents,
+            search_note=found.note,
             query_ids=None if query_ids is None else list(query_ids),
         )
 

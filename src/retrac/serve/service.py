@@ -197,7 +197,7 @@ class AttributionService:
             batch_size=config.max_batch_images,
             progress=False,
         )
-        train = load_training_data(attributor.feature_store, data)
+        train = load_training_data(attributor.feature_store, data, attributor.training_data_path)
         pixel_index, audit_config, audit_source = _load_audit(audit, train)
         picked = _load_examples(examples, config.max_examples, attributor.task)
         return cls(attributor, train, config, pixel_index, audit_config, picked, dirs, audit_source)
