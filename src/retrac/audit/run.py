@@ -56,7 +56,7 @@ def run_audit(
         dirs, query_events=query_events or QueryEvents(), device=device, progress=progress
     )
     store = attributor.feature_store
-    train = load_training_data(store, data)
+    train = load_training_data(store, data, attributor.training_data_path)
     if config.num_neighbours > len(train):
         raise ConfigError(
             f"n={config.num_neighbours} nearest neighbours asked for, but the training set has {len(train)} samples; "

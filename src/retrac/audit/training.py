@@ -37,8 +37,11 @@ def self_influence(store) -> np.ndarray:
     return total
 
 
-def load_training_data(store, data: str | Path | ImageDataset | None = None) -> ImageDataset:
-    """The training set of ``store``: ``data`` when given, else the source the store recorded.
+def load_training_data(
+    store, data: str | Path | ImageDataset | None = None, source_now: str | Path | None = None
+) -> ImageDataset:
+    """The training set of ``store``: ``data`` when given, else the source the store recorded (at
+    ``source_now`` when the store's folder tree moved: ``Attributor.training_data_path``).
 
     Raises:
         StoreMismatchError: the data's fingerprint differs from the one the store was built from.
@@ -46,7 +49,7 @@ def load_training_data(store, data: str | Path | ImageDataset | None = None) -> 
     """
     recorded = store.attrs.get("dataset", {})
     if data is None:
-        source = recorded.get("source")
+        source = str(source_now) if source_now is not None else recorded.get("source")
         if not source or not Path(source).exists():
             raise DataError(
                 f"the store {str(store.path)!r} records training data {source!r}, which cannot be read here; "

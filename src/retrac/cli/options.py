@@ -106,6 +106,24 @@ def add_query_event_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_location_overrides(p: argparse.ArgumentParser) -> None:
+    """``--store`` / ``--checkpoint``: where a moved store and its checkpoints are now (query, report)."""
+    p.add_argument(
+        "--store",
+        default=None,
+        help="the feature store (default: the one the index records, found relative to the index after a "
+        "move; its fingerprint is checked)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="where the store's checkpoints are now, once per checkpoint in training order (default: the "
+        "recorded paths, or where moving the folder tree put them; each checked by sha256)",
+    )
+
+
 def query_events(args: argparse.Namespace) -> QueryEvents:
     return QueryEvents.preset(args.query_events, args.seed)
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from retrac.cli.options import add_compute_options, add_query_event_options, query_events
+from retrac.cli.options import (
+    add_compute_options,
+    add_location_overrides,
+    add_query_event_options,
+    query_events,
+)
 from retrac.query.attribution import DEFAULT_TOP_K
 
 
@@ -42,6 +47,7 @@ def add_query_command(sub) -> None:
         action="store_true",
         help="the most negative scores instead of the most positive",
     )
+    add_location_overrides(p)
     add_query_event_options(p)
     add_compute_options(p)
     p.add_argument(
@@ -62,6 +68,8 @@ def _run_query(args: argparse.Namespace) -> int:
     images = load_dataset(args.images)
     attributor = Attributor(
         args.index,
+        store=args.store,
+        checkpoints=args.checkpoint,
         query_events=query_events(args),
         device=args.device,
         progress=not (args.json or args.no_progress),

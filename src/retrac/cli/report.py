@@ -7,7 +7,12 @@ from pathlib import Path
 
 from retrac._io import atomic_write_text
 from retrac.bias import DEFAULT_FRACTION, DEFAULT_MIN_QUERIES
-from retrac.cli.options import add_compute_options, add_query_event_options, query_events
+from retrac.cli.options import (
+    add_compute_options,
+    add_location_overrides,
+    add_query_event_options,
+    query_events,
+)
 from retrac.query.attribution import DEFAULT_TOP_K
 from retrac.report.bias import DEFAULT_TITLE
 
@@ -34,11 +39,7 @@ def add_report_command(sub) -> None:
         required=True,
         help="query images: an image file, a folder of images, .npy or .npz",
     )
-    p.add_argument(
-        "--store",
-        default=None,
-        help="the feature store (default: the one recorded in the index)",
-    )
+    add_location_overrides(p)
     p.add_argument(
         "--data",
         default=None,
@@ -89,12 +90,13 @@ def _run_report(args: argparse.Namespace) -> int:
     attributor = Attributor(
         args.index,
         store=args.store,
+        checkpoints=args.checkpoint,
         query_events=query_events(args),
         device=args.device,
         progress=not args.no_progress,
     )
     store = attributor.feature_store
-    data_path = args.data or store.attrs["dataset"].get("source")
+    data_path = args.data or attributor.training_data_path  # the recorded data, moved as the store moved
     if not data_path or not Path(data_path).exists():
         raise DataError(
             f"the store records no readable training data path ({data_path!r}); give the training images with --data."
