@@ -110,7 +110,7 @@ class FeatureStore:
     def __init__(self, location: LocalLocation | ObjectLocation, group) -> None:
         self.location = location
         self.path: Path | str = location.path if location.is_local else location.url
-        self.url: str = str(location.path.absolute()) if location.is_local else location.url
+        self.url: str = str(location.path.resolve()) if location.is_local else location.url
         self._group = group
         self.attrs: dict = dict(group.attrs)
         self.config = IndexConfig.from_dict(self.attrs["config"])

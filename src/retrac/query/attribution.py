@@ -26,7 +26,7 @@ from retrac.events import derive_seed, noise_from_seed
 from retrac.projection import projected_gradients
 from retrac.query.index import SearchIndex, build_index, load_index, save_index
 from retrac.query.provenance import KERNEL_FILENAME, Kernel, derive_method, kernel_arrays
-from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors, train_vectors
+from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors
 from retrac.task import DEFAULT_DEVICE
 
 DEFAULT_BLOCK_ROWS = 4096
@@ -91,14 +91,7 @@ class QueryEvents:
 
 def _store_vectors(store, method: Method, k: int, block_rows: int):
     """Yield ``(start, u_k)`` blocks of checkpoint ``k``: ``u_k`` is ``(n, d)`` float32, unweighted."""
-    ids = store.ids
-    for block in store.blocks(k, block_rows):
-        yield (
-            block.start,
-            train_vectors(
-                block.features, block.norms, method.vectors, block.valid, ids[block.start : block.stop]
-            ),
-        )
+    yield from store.vector_blocks(k, method.vectors, block_rows)  # full or compact store alike
 
 
 def train_vector_blocks(store, method: Method, block_rows: int = DEFAULT_BLOCK_ROWS):
@@ -189,7 +182,7 @@ def _manifest(store, method: Method, kernel_record: dict | None) -> dict:
         "method": method.to_dict(),
         "kernel": kernel_record,
         "store": {
-            "path": str(Path(store.path).resolve()),
+            "path": store.url,  # an absolute local path, or the s3:// gs:// memory:// URL
             "fingerprint": store.fingerprint,
             "objective": store.config.objective,
             "num_samples": store.num_samples,

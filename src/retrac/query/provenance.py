@@ -28,7 +28,7 @@ import numpy as np
 from retrac.errors import GradientError, IndexDamagedError
 from retrac.query.index import SearchIndex, rebuild_command
 from retrac.query.index.search_index import _reconstructs
-from retrac.query.vectors import VECTOR_KINDS, Method, train_vectors
+from retrac.query.vectors import VECTOR_KINDS, Method
 
 KERNEL_FILENAME = "kernel.npz"
 PROVENANCE_ROWS = 32  # rows of index.faiss compared with the store at every load
@@ -101,7 +101,7 @@ def _store_rows(store, start: int, stop: int, kind: str) -> np.ndarray:
     parts = []
     for k, weight in enumerate(store.weights):
         block = store.read_shard(k, shard).rows(start, stop)  # the shard's digest is checked
-        u = train_vectors(block.features, block.norms, kind, block.valid, ids)
+        u = block.train_vectors(kind, ids)  # full or compact store alike
         parts.append(np.float32(weight) * u)
     return np.concatenate(parts, axis=1)
 

@@ -434,8 +434,6 @@ class AttributionService:
 
     def _train_vector(self, method: str, row: int) -> np.ndarray:
         """``U(z) = concat_k(w_k u_k(z))`` of one training row, read from the store (``(D,)``)."""
-        from retrac.query.vectors import train_vectors
-
         key = (method, row)
         with self._lock:
             if key in self._train_vector_cache:
@@ -443,11 +441,7 @@ class AttributionService:
         store = self.attributor.feature_store
         kind = self._loaded[method].method.vectors
         rows = slice(row, row + 1)
-        parts = [
-            np.float32(w)
-            * train_vectors(store.features(k, rows), store.norms(k, rows), kind, store.valid(k, rows))
-            for k, w in enumerate(store.weights)
-        ]
+        parts = [np.float32(w) * store.train_vectors(k, kind, rows) for k, w in enumerate(store.weights)]
         vector = np.concatenate(parts, axis=1)[0]
         with self._lock:
             self._train_vector_cache[key] = vector
