@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 
 from retrac._io import read_json
 from retrac.checkpoints import load_unet, state_dict_sha256
-from retrac.errors import ConfigError, DataError, StoreMismatchError
+from retrac.errors import CheckpointError, ConfigError, DataError, StoreMismatchError
 from retrac.events import derive_seed, noise_from_seed
 from retrac.projection import projected_gradients
 from retrac.query.index import SearchIndex, build_index, load_index, save_index
 from retrac.query.provenance import KERNEL_FILENAME, Kernel, derive_method, kernel_arrays
 from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors
+from retrac.relocate import displaced_path, recorded_path, relative_record
 from retrac.task import DEFAULT_DEVICE
 
 DEFAULT_BLOCK_ROWS = 4096
@@ -168,7 +169,10 @@ def build_attribution_index(
         kind=index,
         device=device,
     )
-    save_index(built, out, _manifest(store, method, kernel_record), files=files)  # one folder, one rename
+    manifest = _manifest(store, method, kernel_record)
+    # where the store is relative to this index, when both lie under one root: the tree can move
+    manifest["store"]["relative_path"] = relative_record(store.url, out)
+    save_index(built, out, manifest, files=files)  # one folder, one rename
     return built
 
 
@@ -280,6 +284,12 @@ class Attributor:
         query_events: ``T_q x M`` query events (default 10 x 2; ``QueryEvents.preset("paper")`` = 100 x 16).
         device: torch device for the gradients (``"cpu"``, ``"cuda"``).
         batch_size: query images per gradient batch.
+        checkpoints: where the store's checkpoints are now, one per checkpoint in training order
+            (default: the recorded paths, or where a move of the store's folder tree put them); each
+            is checked against the sha256 recorded at indexing.
+
+    The store defaults to the path recorded in the first manifest, or, when the index and the store
+    were moved together, the store's recorded place relative to the index (docs/design.md section 7).
     """
 
     indexes: list[str | Path] | str | Path
@@ -288,6 +298,7 @@ class Attributor:
     device: str = DEFAULT_DEVICE
     batch_size: int = 8
     progress: bool = True
+    checkpoints: list[str | Path] | None = None
 
     def __post_init__(self) -> None:
         from retrac.indexer.featurize import resolve_device
@@ -297,8 +308,15 @@ class Attributor:
         if not dirs:
             raise ConfigError("give at least one index directory.")
         manifests = [_read_manifest(Path(d)) for d in dirs]
-        store_path = self.store or manifests[0]["store"]["path"]
+        recorded = manifests[0]["store"]
+        self._recorded_store_path = recorded["path"]
+        store_path = self.store or recorded_path(recorded["path"], recorded.get("relative_path"), dirs[0])
         self._store = _open_store(store_path)
+        if self.checkpoints is not None and len(self.checkpoints) != self._store.num_checkpoints:
+            raise ConfigError(
+                f"{len(self.checkpoints)} checkpoint paths given for a store of {self._store.num_checkpoints} "
+                "checkpoints; give every checkpoint, in training order (--checkpoint once per checkpoint)."
+            )
         self._loaded: dict[str, _LoadedIndex] = {}
         for directory, manifest in zip(dirs, manifests, strict=True):
             expect = _manifest(self._store, Method.named(DEFAULT_METHOD), None)
@@ -326,15 +344,23 @@ class Attributor:
         from retrac.task import DiffusionTask
 
         ckpt = self._store.checkpoints[k]
-        model = load_unet(ckpt.path)
+        path = self.checkpoint_path(k)
+        if not path.exists():
+            raise CheckpointError(
+                f"checkpoint {k} of the store is not at its recorded path {ckpt.path!r} (nor where moving the "
+                "store's folder tree would have put it); give its place now with --checkpoint (one per "
+                "checkpoint, in training order; checked by sha256)."
+            )
+        model = load_unet(path)
         actual = state_dict_sha256(model.state_dict())
         if actual != ckpt.sha256:
             raise StoreMismatchError(
-                f"checkpoint {ckpt.path!r} has sha256 {actual[:12]}..., the store was built from "
-                f"{ckpt.sha256[:12]}...: the weights changed since indexing; restore them or re-index."
+                f"checkpoint {str(path)!r} has sha256 {actual[:12]}..., the store was built from "
+                f"{ckpt.sha256[:12]}...: not the checkpoint that was indexed (or its weights changed since); "
+                "give the indexed checkpoint, or re-index."
             )
         cfg = self._store.config
-        scheduler = load_scheduler(ckpt.path)
+        scheduler = load_scheduler(path)
         check_scheduler(ckpt, scheduler)  # the scheduler recorded at indexing (prediction type, betas, T)
         return DiffusionTask(
             model.to(self.device),
@@ -343,6 +369,18 @@ class Attributor:
             list(cfg.include) or None,
             list(cfg.exclude) or None,
         )
+
+    def checkpoint_path(self, k: int) -> Path:
+        """Where checkpoint ``k`` is now: the given override, else its recorded path, moved as the store moved."""
+        if self.checkpoints is not None:
+            return Path(self.checkpoints[k])
+        return displaced_path(self._store.checkpoints[k].path, self._recorded_store_path, self._store.url)
+
+    @property
+    def training_data_path(self) -> Path | None:
+        """The training data the store recorded, moved as the store moved (``None`` when it recorded none)."""
+        source = self._store.attrs["dataset"].get("source")
+        return displaced_path(source, self._recorded_store_path, self._store.url) if source else None
 
     @property
     def methods(self) -> list[str]:
