@@ -70,6 +70,7 @@ class LatentEncoder:
         self.latent_channels = int(cfg.latent_channels)
         self.image_channels = int(cfg.in_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.path: str | None = None  # where it was loaded from (recorded, not compared)
         self._record: dict | None = None
 
     @property
@@ -86,7 +87,8 @@ class LatentEncoder:
         return self.image_channels, h * self.downsample, w * self.downsample
 
     def to_dict(self) -> dict:
-        """What the store records (and compares): class, sha256 of the weights, scaling, mode."""
+        """What the store records (and compares): class, sha256 of the weights, scaling, mode (and
+        ``path``, where it was loaded from, which is not compared)."""
         if self._record is None:
             from retrac.checkpoints import state_dict_sha256
 
@@ -100,7 +102,7 @@ class LatentEncoder:
                 "mode": self.mode,
                 "seed": self.seed if self.mode == "sample" else None,
             }
-        return dict(self._record)
+        return {**self._record, **({"path": self.path} if self.path else {})}
 
     @torch.no_grad()
     def encode(self, images: Tensor, ids: list[str] | None = None, mode: str | None = None) -> Tensor:
@@ -159,7 +161,8 @@ class LatentCache:
     @staticmethod
     def fingerprint(encoder: LatentEncoder, data_fingerprint: str) -> str:
         """sha256 of the encoder's record and the data's fingerprint."""
-        record = json.dumps({"encoder": encoder.to_dict(), "data": data_fingerprint}, sort_keys=True)
+        what = {k: v for k, v in encoder.to_dict().items() if k != "path"}  # a moved VAE is the same VAE
+        record = json.dumps({"encoder": what, "data": data_fingerprint}, sort_keys=True)
         return hashlib.sha256(record.encode()).hexdigest()
 
     def read(self, fingerprint: str) -> Tensor | None:

@@ -88,6 +88,7 @@ class DiffusionTask:
         self.parameter_names = self._select_parameter_names()
         self.latent_encoder = self._latent_encoder(vae)
         self.prompt_encoder = self._prompt_encoder(text_encoder, tokenizer)
+        self.lora: dict | None = None  # the base model of LoRA adapters (set by retrac.pipeline)
 
     def _latent_encoder(self, vae) -> LatentEncoder | None:
         if vae is None:
@@ -167,8 +168,9 @@ class DiffusionTask:
     def to_dict(self) -> dict:
         """What the store records about the task (and compares on reopening).
 
-        ``conditioning``, ``vae`` and ``text_encoder`` appear only for models that have them, so a
-        pixel-space ``UNet2DModel`` task records what it always did.
+        ``conditioning``, ``vae``, ``text_encoder`` and ``lora`` (the base model under LoRA adapters)
+        appear only for models that have them, so a pixel-space ``UNet2DModel`` task records what it
+        always did.
         """
         record = {
             "model_class": type(self.model).__name__,
@@ -185,6 +187,8 @@ class DiffusionTask:
             record["vae"] = self.latent_encoder.to_dict()
         if self.prompt_encoder is not None:
             record["text_encoder"] = self.prompt_encoder.to_dict()
+        if self.lora is not None:
+            record["lora"] = self.lora
         return record
 
     # ------------------------------------------------------------------ model facts

@@ -64,6 +64,7 @@ class PromptEncoder:
         self.use_attention_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
         self._memo: OrderedDict[str, Tensor] = OrderedDict()
         self._memo_bytes = 0
+        self.path: str | None = None  # where it was loaded from (recorded, not compared)
         self._record: dict | None = None
 
     @property
@@ -83,7 +84,8 @@ class PromptEncoder:
         return self
 
     def to_dict(self) -> dict:
-        """What the store records (and compares): classes, sha256 of weights and vocabulary, length."""
+        """What the store records (and compares): classes, sha256 of weights and vocabulary, length (and
+        ``path``, where it was loaded from, which is not compared)."""
         if self._record is None:
             from retrac.checkpoints import state_dict_sha256
 
@@ -95,7 +97,7 @@ class PromptEncoder:
                 "max_length": self.max_length,
                 "hidden_size": self.hidden_size,
             }
-        return dict(self._record)
+        return {**self._record, **({"path": self.path} if self.path else {})}
 
     @torch.no_grad()
     def _encode_new(self, prompts: list[str]) -> Tensor:

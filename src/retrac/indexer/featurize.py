@@ -13,15 +13,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retrac.checkpoints import Checkpoint, load_scheduler, load_unet, resolve_checkpoint, with_scheduler
+from retrac.checkpoints import Checkpoint, load_scheduler, resolve_checkpoint
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import CheckpointError, ConfigError, StoreDamagedError
 from retrac.events import EventPlan
 from retrac.indexer.claims import DEFAULT_LEASE_SECONDS, ShardClaims
 from retrac.indexer.config import IndexConfig
+from retrac.indexer.inputs import TrainingInputs
 from retrac.indexer.layout import COMPACT_VECTOR_KINDS
 from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore, chunk_rows_for
 from retrac.indexer.workers import ShardPlan, plan_shards
+from retrac.pipeline import ModelParts, checkpoint_task, scheduler_source, with_pipeline_scheduler
 from retrac.projection import make_projector, projected_gradients
 from retrac.task import DEFAULT_DEVICE, DiffusionTask
 
@@ -67,11 +69,21 @@ def _versions() -> dict:
 
 
 def _load_task(
-    checkpoint: Checkpoint, config: IndexConfig, device: torch.device, scheduler=None
+    checkpoint: Checkpoint,
+    config: IndexConfig,
+    device: torch.device,
+    scheduler=None,
+    parts: ModelParts | None = None,
+    like: DiffusionTask | None = None,
 ) -> DiffusionTask:
-    model = load_unet(checkpoint.path).to(device)
-    scheduler = scheduler if scheduler is not None else load_scheduler(checkpoint.path)
-    return DiffusionTask(model, scheduler, config.objective, config.include or None, config.exclude or None)
+    """Checkpoint ``k``'s task; ``like`` (checkpoint 0's task) lends its VAE and text encoder."""
+    if scheduler is None:
+        scheduler = load_scheduler(scheduler_source(checkpoint.path, parts))
+    frozen = None if like is None else (like.latent_encoder, like.prompt_encoder)
+    include, exclude = config.include or None, config.exclude or None
+    return checkpoint_task(
+        checkpoint.path, scheduler, config.objective, include, exclude, parts, device, frozen
+    )
 
 
 def store_attributes(
@@ -126,6 +138,7 @@ def featurize_dataset(
     progress: bool = True,
     threads: int | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    parts: ModelParts | None = None,
 ) -> FeatureStore:
     """Compute ``phi_k(z, e)`` and ``n_k(z, e)`` for every sample, event and checkpoint into a store.
 
@@ -156,6 +169,9 @@ def featurize_dataset(
             :func:`~retrac.indexer.workers.default_threads`). Features are bit-identical between runs
             with the same threads per process; across thread counts they differ by float rounding.
         lease_seconds: how long a claim of ``shard="auto"`` lasts without renewal.
+        parts: where a latent or text model's VAE and text encoder, or LoRA checkpoints' base
+            model, are when not beside the checkpoints (:class:`~retrac.pipeline.ModelParts`).
+            A latent model's training latents are encoded once into ``latents.npz`` in the store.
 
     Returns:
         The store, opened for reading (complete once every ``--shard`` share has run).
@@ -169,24 +185,27 @@ def featurize_dataset(
         GradientError: a non-finite gradient (names the sample and the event).
     """
     if threads is None:
-        return _featurize(checkpoints, data, out, config, shard, device, progress, lease_seconds)
+        return _featurize(checkpoints, data, out, config, shard, device, progress, lease_seconds, parts)
     if not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads={threads!r} must be a positive integer.")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _featurize(checkpoints, data, out, config, shard, device, progress, lease_seconds)
+        return _featurize(checkpoints, data, out, config, shard, device, progress, lease_seconds, parts)
     finally:
         torch.set_num_threads(previous)  # the caller's torch is left as it was
 
 
-def _featurize(checkpoints, data, out, config, shard, device, progress, lease_seconds) -> FeatureStore:
+def _featurize(
+    checkpoints, data, out, config, shard, device, progress, lease_seconds, parts=None
+) -> FeatureStore:
     config = config or IndexConfig()
     shard_plan = plan_shards(shard)
     device = resolve_device(device)
     dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
     resolved = [
-        with_scheduler(c if isinstance(c, Checkpoint) else resolve_checkpoint(c)) for c in checkpoints
+        with_pipeline_scheduler(c if isinstance(c, Checkpoint) else resolve_checkpoint(c), parts)
+        for c in checkpoints
     ]
     if not resolved:
         raise CheckpointError("no checkpoint given; pass --checkpoint PATH[=WEIGHT] at least once.")
@@ -202,7 +221,7 @@ def _featurize(checkpoints, data, out, config, shard, device, progress, lease_se
                 f"(differing: {', '.join(differ)}); give checkpoints of one training run."
             )
 
-    task = _load_task(resolved[0], config, device)
+    task = _load_task(resolved[0], config, device, parts=parts)
     task.check_images(dataset.images[:1], name=f"data {dataset.source!r}")
     plan = config.schedule.plan(
         dataset.ids, task.num_train_timesteps, config.seed, [c.step for c in resolved]
@@ -216,7 +235,9 @@ def _featurize(checkpoints, data, out, config, shard, device, progress, lease_se
     if store.ids_problem() is not None:  # a damaged ids chunk: the data set's ids are the recorded ones
         store.rewrite_ids(dataset.ids)
 
-    models = _Models(resolved, config, device, task, attrs["task"]["num_parameters"])
+    models = _Models(resolved, config, device, task, attrs["task"]["num_parameters"], parts)
+    local = store.location.path if store.location.is_local else None
+    dataset = TrainingInputs(task, dataset, local, progress)  # x (pixels or cached latents) and c per row
     if shard_plan.mode == "claims":
         _featurize_claimed(store, models, plan, dataset, config, lease_seconds, progress, out)
         return FeatureStore.open(out)
@@ -243,16 +264,20 @@ def _name(store: FeatureStore) -> str:
 class _Models:
     """The task and projector of one checkpoint at a time, loaded when a shard of it is computed."""
 
-    def __init__(self, resolved: list[Checkpoint], config: IndexConfig, device, task, num_parameters: int):
+    def __init__(
+        self, resolved: list[Checkpoint], config: IndexConfig, device, task, num_parameters: int, parts=None
+    ):
         self.resolved, self.config, self.device = resolved, config, device
         self.k, self.task, self.projector = 0, task, None
-        self.num_parameters = num_parameters
+        self.num_parameters, self.parts = num_parameters, parts
 
     def at(self, k: int):
         """``(task, projector)`` of checkpoint ``k`` (every checkpoint keeps checkpoint 0's scheduler)."""
         if k != self.k:
             checkpoint = self.resolved[k]
-            self.task = _load_task(checkpoint, self.config, self.device, self.task.scheduler)
+            self.task = _load_task(
+                checkpoint, self.config, self.device, self.task.scheduler, self.parts, like=self.task
+            )
             self.k, self.projector = k, None
             if self.task.num_parameters != self.num_parameters:
                 raise CheckpointError(
@@ -384,14 +409,14 @@ def _featurize_shard(
     for begin in range(start, stop, config.batch_size):
         rows = list(range(begin, min(begin + config.batch_size, stop)))
         events = plan.events(k, rows)
-        labels = None if dataset.labels is None else dataset.labels[rows]
+        samples, conditioning = dataset.batch(task, rows)  # TrainingInputs: pixels or latents, and c
         feats, norm = projected_gradients(
             task,
             projector,
-            dataset.images[rows],
+            samples,
             torch.from_numpy(events.timesteps),
             events.noise(task.sample_shape),
-            labels if task.is_class_conditional else None,
+            conditioning,
             sample_ids=[dataset.ids[r] for r in rows],
             valid=torch.from_numpy(events.valid),
         )
