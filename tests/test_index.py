@@ -166,12 +166,13 @@ def test_factory_strings_build(vectors, queries, flat):
 def test_auto_rule():
     gib = 2**30
     assert auto_factory(20_000, 1024, 16 * gib) == "Flat"
-    assert auto_factory(1_000_000, 1024, 16 * gib) == "IVF1024,Flat"
+    # above 50,000 rows HNSW while its graph and vectors fit (benchmarks/search.py: 73x Flat at recall 0.974,
+    # where IVF needed an eighth of its lists and was no faster than Flat)
+    assert auto_factory(1_000_000, 1024, 16 * gib) == "HNSW32,Flat"
+    assert auto_factory(1_000_000, 1024, 4_200_000_000) == "IVF1024,Flat"  # float32 fits, the graph does not
     assert auto_factory(1_000_000, 1024, 2 * gib) == "IVF1024,SQ8"  # 4 GB of float32 do not fit
-    assert auto_factory(1_000_000, 1024, 200 * 10**6) == "IVF1024,PQ128"
-    assert auto_factory(16_000_000, 256, 64 * gib).startswith("IVF16384_HNSW32,")
-    with pytest.raises(ConfigError, match="memory_budget_bytes"):
-        auto_factory(1_000_000, 1024, 10**5)
+    assert auto_factory(1_000_000, 1024, 10**5) == "IVF1024,SQ8"  # its lists go to disk (build_index)
+    assert auto_factory(16_000_000, 256, 8 * gib) == "IVF16384_HNSW32,SQ8"
     assert build_index([np.eye(DIM, dtype=np.float32)], DIM, DIM).factory == "Flat"
 
 

@@ -210,3 +210,14 @@ def test_a_compact_store_refuses_per_event_uses(world, tmp_path):
     # reopening it with the full layout names the difference
     with pytest.raises(Exception, match="layout"):
         featurize(world, tmp_path / "compact")
+
+
+@pytest.mark.filterwarnings("ignore")  # a 2-list IVF over 10 rows: faiss warns about the tiny training set
+def test_attributor_rerank_gives_exact_scores_from_the_store(world, tmp_path):
+    store = world["local"]
+    flat_scores, flat_rows = attribute(world, store, tmp_path / "flat")
+    build_attribution_index(store, tmp_path / "sq8", "retrac", index="IVF2,SQ8", progress=False)
+    attributor = Attributor(tmp_path / "sq8", store=store.url, query_events=QueryEvents(2, 1), progress=False)
+    reranked = attributor.attribute(world["queries"], k=4, rerank=N)  # every row a candidate
+    np.testing.assert_array_equal(reranked.indices, flat_rows)
+    np.testing.assert_allclose(reranked.scores, flat_scores, rtol=1e-5, atol=1e-6)

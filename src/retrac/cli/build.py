@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from retrac.cli.options import add_compute_options, add_deprecated_alias
+from retrac.indexer.workers import parse_size
 from retrac.query.attribution import DEFAULT_INDEX_KIND, DEFAULT_SEARCH_DEVICE
 from retrac.query.index import AUTO_FLAT_MAX_ROWS
 from retrac.query.vectors import DEFAULT_KERNEL_C, DEFAULT_METHOD, METHOD_NAMES
@@ -44,6 +45,14 @@ def add_build_command(sub) -> None:
         p, "--index", "--kind", "kind", why=" for the index kind (--index names an index folder)"
     )
     p.add_argument("--out", required=True, help="the index folder")
+    p.add_argument(
+        "--max-memory",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="RAM the index may hold, e.g. 8G or 512M: auto picks what fits, and IVF lists beyond it go to "
+        "disk (index.ivfdata, memory-mapped at query) (default: half the machine's RAM)",
+    )
     add_compute_options(
         p,
         device_default=DEFAULT_SEARCH_DEVICE,
@@ -64,7 +73,11 @@ def _run_build(args: argparse.Namespace) -> int:
         index=args.kind,
         device=args.device,
         progress=not args.no_progress,
+        max_memory=args.max_memory,
     )
     recall = f", recall@10 vs flat {built.recall['recall_at_10']:.3f}" if built.recall else ""
-    print(f"index {args.out}: {built.num_vectors} vectors x {built.dim} dims, {built.factory}{recall}")
+    on_disk = ", inverted lists on disk (index.ivfdata)" if built.build_params.get("on_disk") else ""
+    print(
+        f"index {args.out}: {built.num_vectors} vectors x {built.dim} dims, {built.factory}{recall}{on_disk}"
+    )
     return 0

@@ -47,6 +47,14 @@ def add_query_command(sub) -> None:
         action="store_true",
         help="the most negative scores instead of the most positive",
     )
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="re-score the index's top R candidates exactly against the store's vectors (exact scores; "
+        "recall as the candidates allow; e.g. 100 for an IVF-SQ8 or on-disk index)",
+    )
     add_location_overrides(p)
     add_query_event_options(p)
     add_compute_options(p)
@@ -78,7 +86,9 @@ def _run_query(args: argparse.Namespace) -> int:
     methods = [args.method] if args.method else attributor.methods
     query_ids = typed_ids(images.ids, images.source)
     results = {
-        m: attributor.attribute(images.images, args.k, m, args.opponents, labels, query_ids=query_ids)
+        m: attributor.attribute(
+            images.images, args.k, m, args.opponents, labels, query_ids=query_ids, rerank=args.rerank
+        )
         for m in methods
     }
     if args.json:  # the retrac.query document (docs/design.md section 10), for one index or several

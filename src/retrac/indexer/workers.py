@@ -116,3 +116,23 @@ def local_world_size(spec: str | tuple[int, int] | None = None) -> int:
 def default_threads(spec: str | tuple[int, int] | None = None) -> int:
     """Torch threads per worker by default: ``max(1, cores // local_world_size)``."""
     return max(1, available_cores() // local_world_size(spec))
+
+
+SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"8G"``, ``"512M"``, ``"1.5T"`` or a number of bytes -> bytes (binary units; a trailing ``B`` is allowed).
+
+    Raises:
+        ConfigError: not a positive size.
+    """
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in SIZE_UNITS else ""
+    try:
+        size = int(float(value[: len(value) - len(unit)]) * SIZE_UNITS[unit])
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ConfigError(f"size {text!r} is not a positive size; give e.g. 8G, 512M or a number of bytes.")
+    return size

@@ -23,8 +23,10 @@ from retrac._io import read_json
 from retrac.checkpoints import load_unet, state_dict_sha256
 from retrac.errors import CheckpointError, ConfigError, DataError, StoreMismatchError
 from retrac.events import derive_seed, noise_from_seed
+from retrac.indexer.rows import train_vector_rows
 from retrac.projection import projected_gradients
 from retrac.query.index import SearchIndex, build_index, load_index, save_index
+from retrac.query.index.rerank import rerank as rerank_candidates
 from retrac.query.provenance import KERNEL_FILENAME, Kernel, derive_method, kernel_arrays
 from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors
 from retrac.relocate import displaced_path, recorded_path, relative_record
@@ -123,8 +125,13 @@ def build_attribution_index(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     device: str = DEFAULT_SEARCH_DEVICE,
     progress: bool = True,
+    max_memory: int | None = None,
 ) -> SearchIndex:
     """Build the FAISS inner-product index of ``method`` over a complete feature store.
+
+    The store is streamed (one block per checkpoint in memory); ``max_memory`` bounds what the index
+    holds in RAM: ``auto`` picks what fits, and IVF lists beyond it are written to disk and
+    memory-mapped at query (``retrac.query.index.ondisk``). Default: half the machine's RAM.
 
     Args:
         store: a ``FeatureStore`` or its path.
@@ -168,6 +175,7 @@ def build_attribution_index(
         dim=dim,
         kind=index,
         device=device,
+        memory_budget_bytes=max_memory,
     )
     manifest = _manifest(store, method, kernel_record)
     # where the store is relative to this index, when both lie under one root: the tree can move
@@ -468,6 +476,7 @@ class Attributor:
         opponents: bool = False,
         class_labels: Tensor | np.ndarray | None = None,
         query_ids: list | None = None,
+        rerank: int | None = None,
     ) -> AttributionResult:
         """Top-``k`` proponents (or opponents) of each query image under ``method``.
 
@@ -478,6 +487,9 @@ class Attributor:
             opponents: return the most negative scores instead of the most positive.
             class_labels: ``(n_query,)`` labels for a class-conditional model.
             query_ids: one id per query, carried into the result (default: row numbers).
+            rerank: re-score the index's top ``max(rerank, k)`` candidates exactly against the store's
+                train vectors (``retrac.query.index.rerank``): the scores returned are exact inner
+                products, and recall is what the candidate list allows. Default: the index's scores.
 
         Returns:
             An :class:`AttributionResult` with ``(n_query, k)`` indices and scores.
@@ -488,13 +500,20 @@ class Attributor:
                 f"k={k} must lie in [1, {self._store.num_samples}] (the number of training samples)."
             )
         queries = self.query_vectors(images, loaded.method.name, class_labels)
-        found = loaded.index.find(queries, k, opponents=opponents)  # never padding: see SearchResult
+        depth = k if rerank is None else min(max(int(rerank), k), self._store.num_samples)
+        found = loaded.index.find(queries, depth, opponents=opponents)  # never padding: see SearchResult
+        scores, indices = found.scores, found.indices
+        if rerank is not None:  # exact scores of the top `depth` candidates, best k kept
+            kind = loaded.method.vectors
+            scores, indices = rerank_candidates(
+                queries, indices, lambda rows: train_vector_rows(self._store, kind, rows), k, opponents
+            )
         ids = self._store.ids
         return AttributionResult(
             method=loaded.method.name,
-            indices=found.indices,
-            scores=found.scores,
-            ids=[[ids[i] for i in row] for row in found.indices.tolist()],
+            indices=indices,
+            scores=scores,
+            ids=[[ids[i] for i in row] for row in indices.tolist()],
             opponents=opponents,
             search_note=found.note,
             query_ids=None if query_ids is None else list(query_ids),

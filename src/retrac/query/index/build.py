@@ -28,6 +28,7 @@ from retrac.query.index.kinds import (
     default_memory_budget,
 )
 from retrac.query.index.mips import _augment, _max_norm
+from retrac.query.index.ondisk import add_on_disk, list_bytes, part_rows_for
 from retrac.query.index.sample import TrainingSample, default_train_size, draw_training_sample
 from retrac.query.index.search_index import SearchIndex
 
@@ -51,6 +52,8 @@ class _Plan:
     dim: int
     build_params: dict[str, Any]
     mips_augment: bool
+    on_disk: bool = False
+    budget: int = 0
 
     @property
     def exact(self) -> bool:
@@ -79,6 +82,8 @@ def build_index(
     seed: int = 0,
     device: str = "auto",
     progress: bool = False,
+    on_disk: bool | None = None,
+    scratch_dir: str | None = None,
 ) -> SearchIndex:
     """Build an inner-product index over train vectors ``U(z)`` streamed in blocks.
 
@@ -96,7 +101,8 @@ def build_index(
         train_vectors: Training sample ``(m, D)`` (or a callable returning it) for indexes that
             need training; default: sampled from ``blocks`` (``retrac.query.index.sample``).
         train_size: Rows to train on; default ``max(50 * nlist, 16384)``, at most ``N``.
-        memory_budget_bytes: Budget of the ``auto`` rule; default half the machine's RAM.
+        memory_budget_bytes: The memory budget (``--max-memory``): what the ``auto`` rule may hold in RAM,
+            and past which IVF lists go to disk; default half the machine's RAM.
         target_recall: recall@10 the default ``nprobe`` / ``efSearch`` must reach on the calibration
             queries (plus ``CALIBRATION_MARGIN``); ``None`` skips calibration and uses fixed
             defaults (``nprobe = nlist / 16``, ``efSearch = 128``). See ``retrac.query.index.calibrate``.
@@ -107,6 +113,10 @@ def build_index(
         seed: Seed of the training sample and calibration queries.
         device: ``"auto"``, ``"cpu"`` or ``"gpu"`` for searches (``retrac.query.index.search_index``).
         progress: Show a tqdm progress bar over the rows added.
+        on_disk: Write the IVF lists to disk (``retrac.query.index.ondisk``); default: when the
+            lists (``N * (code_size + 8)`` bytes) exceed the budget. Needs an IVF index.
+        scratch_dir: Where on-disk lists are written before ``save_index`` moves them into the
+            index folder (default: a new temporary folder).
 
     Returns:
         The ``SearchIndex``; scores it returns are inner products (positive = proponent).
@@ -124,13 +134,21 @@ def build_index(
     plan = _plan_index(
         num_vectors, dim, kind, nlist, hnsw_m, ef_construction, memory_budget_bytes, mips_augment, seed
     )
+    lists = list_bytes(plan.index, num_vectors)
+    plan.on_disk = bool(lists is not None and lists > plan.budget) if on_disk is None else bool(on_disk)
+    if plan.on_disk:
+        if lists is None:
+            raise ConfigError(
+                f"on_disk=True needs an IVF index, not {plan.factory!r}; drop it or use kind='ivf'."
+            )
+        plan.build_params.update({"on_disk": True, "list_bytes": lists})
     sample = None
     if not plan.index.is_trained:
         sample = _train(plan, blocks, train_vectors, train_size, num_vectors, seed)
     calibration = None
     if target_recall is not None and not plan.exact:
         calibration = Calibration(calibration_queries, dim, None if sample is None else sample.rows, seed)
-    _add_blocks(plan, blocks, sample, num_vectors, calibration, progress)
+    _add_blocks(plan, blocks, sample, num_vectors, calibration, progress, scratch_dir)
     result = SearchIndex(
         plan.index,
         plan.kind,
@@ -188,7 +206,7 @@ def _plan_index(
                 f"factory {factory!r} has nlist={ivf.nlist} lists for only {num_vectors} vectors; "
                 "use fewer lists (kind='ivf' picks sqrt(N))."
             )
-    return _Plan(faiss_index, kind, factory, dim, build_params, bool(mips_augment))
+    return _Plan(faiss_index, kind, factory, dim, build_params, bool(mips_augment), budget=budget)
 
 
 def _train(
@@ -225,8 +243,31 @@ def _add_blocks(
     num_vectors: int,
     calibration: Calibration | None,
     progress: bool,
+    scratch_dir: str | None = None,
 ) -> None:
-    """Step 3: add every row once, in order, feeding the calibration's exact top-k on the way."""
+    """Step 3: add every row once, in order, feeding the calibration's exact top-k on the way.
+
+    In memory, or (``plan.on_disk``) into parts merged into on-disk lists (``retrac.query.index.ondisk``).
+    """
+    stored = _stored_blocks(plan, blocks, sample, num_vectors, calibration, progress)
+    if not plan.on_disk:
+        for array in stored:
+            plan.index.add(array)
+        return
+    part_rows = part_rows_for(plan.index, plan.budget)
+    plan.index, _ = add_on_disk(plan.index, stored, part_rows, scratch_dir)
+    plan.build_params["part_rows"] = int(part_rows)
+
+
+def _stored_blocks(
+    plan: _Plan,
+    blocks: Blocks,
+    sample: TrainingSample | None,
+    num_vectors: int,
+    calibration: Calibration | None,
+    progress: bool,
+) -> Iterator[np.ndarray]:
+    """The rows as the index stores them, block by block, checked and counted."""
     pending = [] if sample is None else sample.pending
     stream = sample.stream if sample is not None and sample.stream is not None else _iterate(blocks)
     added = 0
@@ -241,7 +282,7 @@ def _add_blocks(
             raise DataError(
                 f"the blocks hold more than num_vectors={num_vectors} rows; pass the true row count."
             )
-        plan.index.add(plan.stored(array))
+        yield plan.stored(array)
         if calibration is not None:
             calibration.update(array, added)
         added += array.shape[0]

@@ -42,6 +42,7 @@ from retrac._io import (
 )
 from retrac.errors import ConfigError, DataError, IndexDamagedError, StoreMismatchError
 from retrac.query.index.checks import _check_device
+from retrac.query.index.ondisk import ONDISK_FILENAME, move_lists, ondisk_file
 from retrac.query.index.search_index import INDEX_FORMAT, INDEX_FORMAT_VERSION, SearchIndex
 
 INDEX_FILENAME = "index.faiss"
@@ -108,6 +109,9 @@ def save_index(
                 f"companion file name {name!r} must be a plain file name other than {INDEX_FILENAME} and "
                 f"{MANIFEST_FILENAME}."
             )
+    lists_file = ondisk_file(index.index)  # on-disk IVF lists are moved into the folder beside index.faiss
+    if lists_file is not None and ONDISK_FILENAME not in files:
+        files[ONDISK_FILENAME] = lambda p, source=lists_file: move_lists(source, p)
     content = {**index.describe(), **extra, "index_file": INDEX_FILENAME}
     try:
         json.dumps(content, allow_nan=False)  # refused before anything on disk changes
@@ -328,6 +332,7 @@ def open_index(
     directory = Path(directory)
     path = directory / manifest.get("index_file", INDEX_FILENAME)
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    flags |= faiss.IO_FLAG_ONDISK_SAME_DIR  # on-disk IVF lists: index.ivfdata of this folder, memory-mapped
     try:
         faiss_index = faiss.read_index(str(path), flags)
     except RuntimeError as error:  # FAISS refuses a corrupt file
