@@ -362,14 +362,19 @@ class _ReplayPlan(EventPlan):
                 self._events[interval].setdefault(row_of[sid], []).append(
                     (int(log.timestep[e]), int(log.noise_seed[e]))
                 )
-        for k, interval in enumerate(self.intervals):
-            missing = [sample_ids[r] for r in range(len(sample_ids)) if r not in self._events[interval]]
-            if missing:
-                raise DataError(
-                    f"the training-event log {schedule.log!r} has no event in the interval of checkpoint {k} "
-                    f"for {len(missing)} of {len(sample_ids)} samples (e.g. {missing[:3]}); replay needs the "
-                    "log of the run that trained on exactly this data set, or use --events stratified:S."
-                )
+        # A sample not trained on in a checkpoint's interval has no event there and contributes nothing from
+        # that interval (u_k(z) = 0, docs/design.md section 1); one the log never names is not of this run.
+        seen = set().union(*(per.keys() for per in self._events.values()))
+        never = [sample_ids[r] for r in range(len(sample_ids)) if r not in seen]
+        if never:
+            raise DataError(
+                f"the training-event log {schedule.log!r} has no event for {len(never)} of {len(sample_ids)} "
+                f"samples in any interval of these checkpoints (e.g. {never[:3]}); replay needs the log of the "
+                "run that trained on exactly this data set, or use --events stratified:S."
+            )
+        self.missing = {
+            k: len(sample_ids) - len(self._events[interval]) for k, interval in enumerate(self.intervals)
+        }  # samples with no event at checkpoint k (they contribute nothing from its interval)
         self._num_events = max(len(v) for per in self._events.values() for v in per.values())
         top = max(t for per in self._events.values() for v in per.values() for t, _ in v)
         if top >= num_train_timesteps:
@@ -393,6 +398,6 @@ class _ReplayPlan(EventPlan):
         valid = np.zeros((len(rows), S), dtype=bool)
         per_row = self._events[self.intervals[checkpoint]]
         for i, row in enumerate(rows):
-            for j, (t, noise_seed) in enumerate(per_row[row]):
+            for j, (t, noise_seed) in enumerate(per_row.get(row, ())):  # none: not trained on in the interval
                 timesteps[i, j], seeds[i, j], valid[i, j] = t, noise_seed, True
         return TrainEvents(timesteps, seeds, valid)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from retrac.audit import AuditConfig
-from retrac.cli.options import QUERY_PRESETS_HELP, add_compute_options
+from retrac.cli.options import QUERY_PRESETS_HELP, add_compute_options, add_overwrite
 from retrac.errors import ConfigError
 from retrac.query.attribution import DEFAULT_QUERY_PRESET, QUERY_PRESETS, QueryEvents
 from retrac.sampling import DEFAULT_SAMPLING_SEED
@@ -92,6 +92,7 @@ def add_audit_command(sub) -> None:
         action="store_true",
         help="print the retrac.audit JSON document (as OUT/summary.json holds it) instead of a summary",
     )
+    add_overwrite(p)
     p.set_defaults(func=_run_audit)
 
 

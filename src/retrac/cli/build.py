@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from retrac.cli.options import add_compute_options, add_deprecated_alias
+from retrac.cli.options import add_compute_options, add_deprecated_alias, add_overwrite
 from retrac.indexer.workers import parse_size
 from retrac.query.attribution import DEFAULT_INDEX_KIND, DEFAULT_SEARCH_DEVICE
 from retrac.query.index import AUTO_FLAT_MAX_ROWS
@@ -59,6 +59,7 @@ def add_build_command(sub) -> None:
         device_help="FAISS device of the build and its recall calibration (cuda: faiss-gpu)",
         device_for="faiss",
     )
+    add_overwrite(p)
     p.set_defaults(func=_run_build)
 
 

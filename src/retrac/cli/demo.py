@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from retrac.cli.options import add_compute_options
+from retrac._io import atomic_write_text, publish_directory
+from retrac.cli.options import add_compute_options, add_overwrite
 from retrac.demo import DemoConfig
 
 
@@ -46,6 +48,7 @@ def add_demo_command(sub) -> None:
         help="copies per duplicated digit (default: %(default)s)",
     )
     add_compute_options(p, device_help="torch device of training, gradients and sampling")
+    add_overwrite(p)
     p.set_defaults(func=_run_demo)
 
 
@@ -62,7 +65,12 @@ def _run_demo(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     config = DemoConfig(**{**config.__dict__, **overrides})
     out = Path(args.out)
-    summary = run_demo(config, out, progress=not args.no_progress, device=args.device)
+    if out.is_dir() and any(out.iterdir()):  # --overwrite (checked): the new demo replaces the old in one step
+        with publish_directory(out) as staging:
+            run_demo(config, staging, progress=not args.no_progress, device=args.device)
+            summary = _as_published(staging, out)
+    else:  # a new folder: written in place, so the artifacts record their final paths
+        summary = run_demo(config, out, progress=not args.no_progress, device=args.device)
     print(
         f"trained {len(summary['checkpoints'])} checkpoints in {summary['train_seconds']} s "
         f"(final loss {summary['final_loss']:.4f})"
@@ -80,3 +88,27 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"summary:            {out / 'demo.json'}")
     print("seconds per stage:  " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
     return 0
+
+
+def _as_published(staging: Path, out: Path) -> dict:
+    """``staging/demo.json`` with every path written as it will be once ``staging`` is published at ``out``.
+
+    The artifacts inside need no rewrite: an index finds its store, and a store its checkpoints and data,
+    relative to where they are now (``retrac.relocate``).
+    """
+    names = [(str(staging.absolute()), str(out.absolute())), (str(staging), str(out))]
+
+    def moved(value):
+        if isinstance(value, str):
+            for old, new in names:
+                value = value.replace(old, new)
+            return value
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        return value
+
+    summary = moved(json.loads((staging / "demo.json").read_text()))
+    atomic_write_text(staging / "demo.json", json.dumps(summary, indent=2))
+    return summary

@@ -52,6 +52,15 @@ def add_deprecated_alias(
     )
 
 
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace an existing, non-empty ``--out`` (refused without it)."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing non-empty --out (the new folder takes its place in one step when complete)",
+    )
+
+
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
@@ -204,6 +213,11 @@ def prepare(args: argparse.Namespace) -> None:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(
                 f"--out {args.out!r}: folder {str(existing)!r} is not writable; give a writable one."
+            )
+        if existing == out and any(out.iterdir()) and not getattr(args, "overwrite", False):
+            raise ConfigError(
+                f"--out {args.out!r} exists and is not empty; give --overwrite to replace it (the new folder "
+                "takes its place when complete), or another --out."
             )
 
 

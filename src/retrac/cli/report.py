@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrac._io import atomic_write_text
+from retrac._io import atomic_write_text, publish_directory
 from retrac.bias import DEFAULT_FRACTION, DEFAULT_MIN_QUERIES
 from retrac.cli.options import (
     add_compute_options,
     add_location_overrides,
+    add_overwrite,
     add_query_event_options,
     query_events,
 )
@@ -74,6 +75,7 @@ def add_report_command(sub) -> None:
         action="store_true",
         help="print the retrac.report JSON document (as OUT/bias.json holds it) instead of a summary",
     )
+    add_overwrite(p)
     p.set_defaults(func=_run_report)
 
 
@@ -97,6 +99,7 @@ def _run_report(args: argparse.Namespace) -> int:
     )
     store = attributor.feature_store
     data_path = args.data or attributor.training_data_path  # the recorded data, moved as the store moved
+    data_path = None if data_path is None else str(data_path)
     if not data_path or not Path(data_path).exists():
         raise DataError(
             f"the store records no readable training data path ({data_path!r}); give the training images with --data."
@@ -121,9 +124,12 @@ def _run_report(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     queries = list(zip([str(i) for i in images.ids], images.images, strict=True))
-    page = write_bias_report(out, measurement, queries, train, title=args.title)
     document = measurement.to_dict()  # the retrac.report document (docs/design.md section 10)
-    atomic_write_text(out / "bias.json", json.dumps(document, indent=2))
+    with publish_directory(out) as staging:  # the whole folder appears, or the old one stays
+        page = out / write_bias_report(staging, measurement, queries, train, title=args.title).relative_to(
+            staging
+        )
+        atomic_write_text(staging / "bias.json", json.dumps(document, indent=2))
     if args.json:
         print(json.dumps(document))
         return 0

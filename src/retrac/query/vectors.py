@@ -126,17 +126,14 @@ def train_vectors(
         ids: sample ids for error messages.
 
     Returns:
-        ``(n, d)`` float32 ``u_k(z)``.
+        ``(n, d)`` float32 ``u_k(z)``. A sample with no event at this checkpoint (``replay``: not trained
+        on in the checkpoint's interval) gets ``u_k(z) = 0``: it contributes nothing from that interval,
+        as TracIn's sum over the training steps that used it says (docs/design.md section 1).
     """
     features = np.asarray(features, dtype=np.float32)
     n, s, _ = features.shape
     valid = np.ones((n, s), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-    counts = valid.sum(axis=1)
-    if (counts == 0).any():
-        row = int(np.argmax(counts == 0))
-        raise GradientError(
-            f"sample {ids[row] if ids is not None else row!r} has no event; it cannot be attributed."
-        )
+    counts = np.maximum(valid.sum(axis=1), 1)  # no event: weights all 0, so u_k(z) = 0
     weights = valid.astype(np.float32)
     if kind == "retrac":
         _check_norms(norms, valid, ids, "sample")
