@@ -132,3 +132,41 @@ def test_bad_inputs_are_named(pipeline, tmp_path):
         DiffusionTask(make_tiny_unet(), make_scheduler(), vae=make_vae())
     with pytest.raises(ConfigError, match="does not exist"):
         ModelParts(vae=str(tmp_path / "none"))
+
+
+def test_queries_by_prompt_go_through_the_same_encoders(pipeline, tmp_path):
+    from retrac.projection import projected_gradients
+    from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
+
+    folder, data = pipeline
+    config = IndexConfig(events="uniform:2", projector="dense", dim=32)
+    store = featurize_dataset([folder], data, tmp_path / "store", config, progress=False)
+    build_attribution_index(store, tmp_path / "index", "tracin", progress=False)
+    events = QueryEvents(3, 1, seed=2)
+    attributor = Attributor(tmp_path / "index", query_events=events, progress=False)
+    task = attributor.task
+    assert task.is_latent and task.is_text_conditional
+    queries = data.images[:2]
+    result = attributor.attribute(queries, k=4, prompts=["a red square", "a green cross"])
+    assert result.indices.shape == (2, 4)
+    # by hand: the VAE mean latents, the prompts' states, the query events' timesteps and noise
+    latents = task.latent_encoder.encode(queries, mode="mean")
+    states = task.prompt_encoder.encode(["a red square", "a green cross"])
+    feats = attributor.query_features(queries, prompts=["a red square", "a green cross"])[0]
+    taus = torch.from_numpy(events.timesteps(task.num_train_timesteps))
+    noise = events.noise(0, (4, 8, 8)).reshape(3, 4, 8, 8)
+    by_hand, _ = projected_gradients(
+        task, attributor._projectors[0], latents, taus.expand(2, 3), noise.expand(2, 3, 4, 8, 8), states
+    )
+    np.testing.assert_allclose(feats.reshape(2, 3, -1), by_hand.numpy(), rtol=1e-5, atol=1e-7)
+    # generated queries may be given as latents: the same features as their pixels' mean latents
+    as_latents = attributor.query_features(
+        latents, prompts=["a red square", "a green cross"], input_space="latents"
+    )
+    np.testing.assert_array_equal(as_latents[0], feats)
+    one_prompt = attributor.query_features(queries[:1], prompts="a red square")[0]
+    np.testing.assert_allclose(one_prompt, feats[:1], rtol=1e-4, atol=1e-5)  # a batch of one: rounding
+    with pytest.raises(DataError, match="text-conditioned; give the queries' prompts"):
+        attributor.attribute(queries, k=2)
+    with pytest.raises(DataError, match="got 1 prompts for 2 query images"):
+        attributor.attribute(queries, k=2, prompts=["one"])

@@ -345,3 +345,71 @@ def checkpoint_task(
     )
     task.lora = lora
     return task
+
+
+def recorded_parts(task_record: dict, where=lambda path: Path(path)) -> ModelParts:
+    """The :class:`ModelParts` a store recorded (``where`` maps a recorded path to its place now)."""
+    vae = task_record.get("vae") or {}
+    text = task_record.get("text_encoder") or {}
+    base = (task_record.get("lora") or {}).get("base_model") or {}
+    return ModelParts(
+        vae=str(where(vae["path"])) if vae.get("path") else None,
+        text_encoder=str(where(text["path"])) if text.get("path") else None,
+        base_model=str(where(base["path"])) if base.get("path") else None,
+        latent_mode=vae.get("mode") or "mean",
+        latent_seed=vae.get("seed") or 0,
+    )
+
+
+def load_recorded_frozen(
+    task_record: dict, parts: ModelParts
+) -> tuple[LatentEncoder | None, PromptEncoder | None]:
+    """The VAE and text encoder a store recorded, loaded from ``parts`` and checked by sha256.
+
+    Raises:
+        CheckpointError: a recorded part that is no longer where it was recorded.
+        StoreMismatchError: a part whose weights differ from the recorded ones.
+    """
+    loaded = []
+    for key, path, load in (
+        ("vae", parts.vae, lambda p: load_vae(p, parts.latent_mode, parts.latent_seed)),
+        ("text_encoder", parts.text_encoder, load_prompt_encoder),
+    ):
+        record = task_record.get(key)
+        if record is None:
+            loaded.append(None)
+            continue
+        if path is None or not Path(path).exists():
+            raise CheckpointError(
+                f"the {key.replace('_', ' ')} recorded at indexing ({record.get('path')!r}) is not there any more; "
+                "restore it (the store checks it by sha256)."
+            )
+        part = load(path)
+        check_recorded(key.replace("_", " "), record, part.to_dict())
+        loaded.append(part)
+    return loaded[0], loaded[1]
+
+
+def load_indexed_denoiser(path: str | Path, checkpoint: Checkpoint, parts: ModelParts, task_record: dict):
+    """The denoiser of an indexed checkpoint, checked against the sha256 recorded at indexing.
+
+    For a LoRA checkpoint, the adapter file's sha256 and the base model's are both checked.
+
+    Raises:
+        StoreMismatchError: weights (or a base model) that differ from the indexed ones.
+    """
+    model, lora = load_denoiser(path, parts.base_model)
+    if lora is None:
+        actual = state_dict_sha256(model.state_dict())
+    else:
+        check_recorded(
+            "LoRA base model", (task_record.get("lora") or {}).get("base_model"), lora["base_model"]
+        )
+        actual = state_dict_sha256(load_state_dict(lora_weights_file(path)))
+    if actual != checkpoint.sha256:
+        raise StoreMismatchError(
+            f"checkpoint {str(path)!r} has sha256 {actual[:12]}..., the store was built from "
+            f"{checkpoint.sha256[:12]}...: not the checkpoint that was indexed (or its weights changed since); "
+            "give the indexed checkpoint, or re-index."
+        )
+    return model, lora

@@ -10,6 +10,7 @@ gradient code path as the indexer (``retrac.projection.projected_gradients``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from retrac._io import read_json
-from retrac.checkpoints import load_unet, state_dict_sha256
-from retrac.errors import CheckpointError, ConfigError, DataError, StoreMismatchError
+from retrac.errors import CheckpointError, ConfigError, DataError
 from retrac.events import derive_seed, noise_from_seed
 from retrac.indexer.rows import train_vector_rows
 from retrac.projection import projected_gradients
@@ -37,7 +37,11 @@ QUERY_PRESETS = {"default": (10, 2), "fast": (4, 1), "paper": (100, 16)}  # name
 DEFAULT_QUERY_PRESET = "default"
 DEFAULT_TOP_K = 10
 DEFAULT_INDEX_KIND = "auto"  # see retrac.query.index.auto_factory
-DEFAULT_SEARCH_DEVICE = "auto"  # faiss: all GPUs when faiss-gpu sees one, else the CPU
+DEFAULT_SEARCH_DEVICE = "auto"
+INPUT_SPACES = (
+    "pixels",
+    "latents",
+)  # what query images are: pixels, or a latent model's scaled latents  # faiss: all GPUs when faiss-gpu sees one, else the CPU
 
 
 @dataclass(frozen=True)
@@ -341,6 +345,7 @@ class Attributor:
             self._loaded[method.name] = _LoadedIndex(
                 Path(directory), manifest, method, index, preconditioners
             )
+        self._frozen = None  # the VAE and text encoder of a latent / text model, shared by the checkpoints
         self._tasks = [self._load_checkpoint(k) for k in range(self._store.num_checkpoints)]
         self._projectors = [self._store.projector(k, task) for k, task in enumerate(self._tasks)]
         self._cache_key: str | None = None
@@ -349,6 +354,12 @@ class Attributor:
     # ------------------------------------------------------------------ loading
     def _load_checkpoint(self, k: int):
         from retrac.checkpoints import check_scheduler, load_scheduler
+        from retrac.pipeline import (
+            load_indexed_denoiser,
+            load_recorded_frozen,
+            recorded_parts,
+            scheduler_source,
+        )
         from retrac.task import DiffusionTask
 
         ckpt = self._store.checkpoints[k]
@@ -359,24 +370,28 @@ class Attributor:
                 "store's folder tree would have put it); give its place now with --checkpoint (one per "
                 "checkpoint, in training order; checked by sha256)."
             )
-        model = load_unet(path)
-        actual = state_dict_sha256(model.state_dict())
-        if actual != ckpt.sha256:
-            raise StoreMismatchError(
-                f"checkpoint {str(path)!r} has sha256 {actual[:12]}..., the store was built from "
-                f"{ckpt.sha256[:12]}...: not the checkpoint that was indexed (or its weights changed since); "
-                "give the indexed checkpoint, or re-index."
-            )
+        record = self._store.attrs["task"]
+        moved = lambda recorded: displaced_path(recorded, self._recorded_store_path, self._store.url)  # noqa: E731
+        parts = recorded_parts(
+            record, moved
+        )  # VAE, text encoder, LoRA base: as recorded, moved with the store
+        model, lora = load_indexed_denoiser(path, ckpt, parts, record)  # sha256 checked (adapter and base)
+        if self._frozen is None:
+            self._frozen = load_recorded_frozen(record, parts)  # checked by sha256 against the record
         cfg = self._store.config
-        scheduler = load_scheduler(path)
+        scheduler = load_scheduler(scheduler_source(path, parts))
         check_scheduler(ckpt, scheduler)  # the scheduler recorded at indexing (prediction type, betas, T)
-        return DiffusionTask(
+        task = DiffusionTask(
             model.to(self.device),
             scheduler,
             cfg.objective,
             list(cfg.include) or None,
             list(cfg.exclude) or None,
+            vae=self._frozen[0],
+            text_encoder=self._frozen[1],
         )
+        task.lora = lora
+        return task
 
     def checkpoint_path(self, k: int) -> Path:
         """Where checkpoint ``k`` is now: the given override, else its recorded path, moved as the store moved."""
@@ -409,20 +424,30 @@ class Attributor:
 
     # ------------------------------------------------------------------ queries
     def query_features(
-        self, images: Tensor | np.ndarray, class_labels: Tensor | np.ndarray | None = None
+        self,
+        images: Tensor | np.ndarray,
+        class_labels: Tensor | np.ndarray | None = None,
+        prompts: Sequence[str] | str | None = None,
+        input_space: str = "pixels",
     ) -> list[np.ndarray]:
         """Projected query gradients per checkpoint: ``K`` arrays ``(n_query, T_q, M, d)`` float32.
 
         ``images`` and ``class_labels`` may be torch tensors or numpy arrays (labels: integers ``(n_query,)``).
+        ``prompts`` (one per image, or one for all) condition a text model; ``input_space="latents"``
+        takes a latent model's scaled latents (a generated query) instead of pixels.
         """
         images = torch.as_tensor(images, dtype=torch.float32)
         class_labels = _as_labels(class_labels, images.shape[0])
-        self._tasks[0].check_images(images, "query images")
         key = hashlib.sha256(
-            images.numpy().tobytes() + (b"" if class_labels is None else class_labels.numpy().tobytes())
+            input_space.encode()
+            + images.numpy().tobytes()
+            + (b"" if class_labels is None else class_labels.numpy().tobytes())
+            + repr(prompts).encode()
         ).hexdigest()
         if key == self._cache_key and self._cache is not None:
             return self._cache
+        images, states = self._query_inputs(images, prompts, input_space)  # x: pixels or VAE latent means
+        conditioning = states if states is not None else class_labels
         ev = self.query_events
         n, t_q, m = images.shape[0], ev.num_timesteps, ev.num_noise
         out = []
@@ -437,7 +462,7 @@ class Attributor:
                 batch = images[start : start + self.batch_size]
                 b = batch.shape[0]
                 timesteps = taus.repeat_interleave(m).expand(b, t_q * m)
-                labels = None if class_labels is None else class_labels[start : start + b]
+                labels = None if conditioning is None else conditioning[start : start + b]
                 phi, _ = projected_gradients(
                     task,
                     projector,
@@ -454,13 +479,48 @@ class Attributor:
         self._cache_key, self._cache = key, out
         return out
 
+    def _query_inputs(
+        self, images: Tensor, prompts: Sequence[str] | str | None, input_space: str
+    ) -> tuple[Tensor, Tensor | None]:
+        """Clean samples ``x`` (pixels, or latents: encoded to the distribution mean, or given) and the
+        ``encoder_hidden_states`` of the prompts for a text model (``None`` otherwise)."""
+        task = self._tasks[0]
+        if input_space not in INPUT_SPACES:
+            raise ConfigError(
+                f"input_space={input_space!r} is unknown; choose one of {', '.join(INPUT_SPACES)}."
+            )
+        if input_space == "latents":
+            if not task.is_latent:
+                raise ConfigError("input_space='latents' needs a latent model (one with a VAE); give pixels.")
+            task.check_samples(images, "query latents")
+            samples = images
+        else:
+            samples = task.encode_images(images, "query images")  # pixels checked; latents for a latent model
+        if prompts is None:
+            if task.is_text_conditional:
+                raise DataError(
+                    f"the {task.spec.model_class} is text-conditioned; give the queries' prompts (--prompt)."
+                )
+            return samples, None
+        prompts = [prompts] * images.shape[0] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise DataError(
+                f"got {len(prompts)} prompts for {images.shape[0]} query images; give one per image."
+            )
+        return samples, task.encode_prompts(prompts, "query prompts").cpu()
+
     def query_vectors(
-        self, images: Tensor, method: str | None = None, class_labels: Tensor | None = None
+        self,
+        images: Tensor,
+        method: str | None = None,
+        class_labels: Tensor | None = None,
+        prompts: Sequence[str] | str | None = None,
+        input_space: str = "pixels",
     ) -> np.ndarray:
         """``Q(z') = concat_k(q_k(z'))`` of ``method``: ``(n_query, K * d)`` float32 (kernel applied)."""
         loaded = self._method(method)
         parts = []
-        for k, feats in enumerate(self.query_features(images, class_labels)):
+        for k, feats in enumerate(self.query_features(images, class_labels, prompts, input_space)):
             q = query_vectors(feats, loaded.method.vectors)
             if loaded.preconditioners is not None:
                 # Kernel folded into the query: q_k <- (Phi_k^T Phi_k + lambda_k I)^-1 q_k
@@ -476,6 +536,8 @@ class Attributor:
         opponents: bool = False,
         class_labels: Tensor | np.ndarray | None = None,
         query_ids: list | None = None,
+        prompts: Sequence[str] | str | None = None,
+        input_space: str = "pixels",
         rerank: int | None = None,
     ) -> AttributionResult:
         """Top-``k`` proponents (or opponents) of each query image under ``method``.
@@ -487,6 +549,9 @@ class Attributor:
             opponents: return the most negative scores instead of the most positive.
             class_labels: ``(n_query,)`` labels for a class-conditional model.
             query_ids: one id per query, carried into the result (default: row numbers).
+            prompts: for a text model, one prompt per query (or one ``str`` for all).
+            input_space: ``"pixels"`` (default; a latent model encodes them to the VAE's mean) or
+                ``"latents"`` (scaled latents, e.g. a generated query).
             rerank: re-score the index's top ``max(rerank, k)`` candidates exactly against the store's
                 train vectors (``retrac.query.index.rerank``): the scores returned are exact inner
                 products, and recall is what the candidate list allows. Default: the index's scores.
@@ -499,7 +564,7 @@ class Attributor:
             raise ConfigError(
                 f"k={k} must lie in [1, {self._store.num_samples}] (the number of training samples)."
             )
-        queries = self.query_vectors(images, loaded.method.name, class_labels)
+        queries = self.query_vectors(images, loaded.method.name, class_labels, prompts, input_space)
         depth = k if rerank is None else min(max(int(rerank), k), self._store.num_samples)
         found = loaded.index.find(queries, depth, opponents=opponents)  # never padding: see SearchResult
         scores, indices = found.scores, found.indices
