@@ -443,6 +443,7 @@ class Attributor:
             + images.numpy().tobytes()
             + (b"" if class_labels is None else class_labels.numpy().tobytes())
             + repr(prompts).encode()
+            + repr(self.query_events).encode()  # step queries change the events between calls
         ).hexdigest()
         if key == self._cache_key and self._cache is not None:
             return self._cache
