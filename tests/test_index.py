@@ -169,10 +169,15 @@ def test_auto_rule():
     # above 50,000 rows HNSW while its graph and vectors fit (benchmarks/search.py: 73x Flat at recall 0.974,
     # where IVF needed an eighth of its lists and was no faster than Flat)
     assert auto_factory(1_000_000, 1024, 16 * gib) == "HNSW32,Flat"
-    assert auto_factory(1_000_000, 1024, 4_200_000_000) == "IVF1024,Flat"  # float32 fits, the graph does not
-    assert auto_factory(1_000_000, 1024, 2 * gib) == "IVF1024,SQ8"  # 4 GB of float32 do not fit
+    assert (
+        auto_factory(1_000_000, 1024, 4_200_000_000) == "HNSW32,SQ8"
+    )  # float32 fits, with the graph it does not
+    assert (
+        auto_factory(1_000_000, 1024, 2 * gib) == "HNSW32,SQ8"
+    )  # 4 GB of float32 do not fit, 1.3 GB of codes do
+    assert auto_factory(1_000_000, 1024, gib) == "IVF1024,SQ8"
     assert auto_factory(1_000_000, 1024, 10**5) == "IVF1024,SQ8"  # its lists go to disk (build_index)
-    assert auto_factory(16_000_000, 256, 8 * gib) == "IVF16384_HNSW32,SQ8"
+    assert auto_factory(16_000_000, 256, 4 * gib) == "IVF16384_HNSW32,SQ8"  # lists on disk (build_index)
     assert build_index([np.eye(DIM, dtype=np.float32)], DIM, DIM).factory == "Flat"
 
 

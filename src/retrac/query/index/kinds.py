@@ -65,7 +65,9 @@ def auto_factory(num_vectors: int, dim: int, memory_budget_bytes: int | None = N
 
     1. ``N <= AUTO_FLAT_MAX_ROWS`` (50,000) and the float32 vectors (``4 N D`` bytes) fit the budget:
        ``"Flat"`` (exact; at this size a query costs milliseconds).
-    2. The HNSW graph and its float32 vectors (:func:`hnsw_bytes`) fit the budget: ``"HNSW32,Flat"``.
+    2. The HNSW graph and its float32 vectors (:func:`hnsw_bytes`) fit the budget: ``"HNSW32,Flat"``;
+       else the graph and 8-bit codes (``N (D + 256)`` bytes): ``"HNSW32,SQ8"`` (on the scale
+       benchmark's data, IVF-SQ8 needed every list for recall@10 0.93, see ``benchmarks/scale.py``).
     3. Otherwise an IVF index: ``nlist = default_nlist(N)`` lists (the power of two nearest
        ``sqrt(N)``), past ``HNSW_QUANTIZER_MIN_ROWS`` (4 million) rows ``4 sqrt(N)`` lists with an HNSW
        coarse quantizer (``IVF{nlist}_HNSW32``); ``Flat`` codes when ``4 N D`` bytes fit the budget, else
@@ -89,6 +91,8 @@ def auto_factory(num_vectors: int, dim: int, memory_budget_bytes: int | None = N
         return "Flat"
     if num_vectors > AUTO_FLAT_MAX_ROWS and hnsw_bytes(num_vectors, dim) <= budget:
         return f"HNSW{HNSW_M},Flat"
+    if num_vectors > AUTO_FLAT_MAX_ROWS and num_vectors * (dim + 2 * HNSW_M * 4) <= budget:
+        return f"HNSW{HNSW_M},SQ8"  # one byte per dimension: still HNSW, which this data needs
     if num_vectors >= HNSW_QUANTIZER_MIN_ROWS:
         coarse = f"IVF{2 ** round(math.log2(4 * num_vectors**0.5))}_HNSW32"
     else:
