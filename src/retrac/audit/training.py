@@ -37,6 +37,12 @@ def self_influence(store) -> np.ndarray:
     return total
 
 
+def load_recorded_data(path: str | Path, recorded: dict) -> ImageDataset:
+    """Training data read the way the store recorded reading it: its pixel range and labels file."""
+    labels_file = (recorded.get("labels_file") or {}).get("source")
+    return load_dataset(path, pixel_range=recorded.get("pixel_range"), labels=labels_file)
+
+
 def load_training_data(
     store, data: str | Path | ImageDataset | None = None, source_now: str | Path | None = None
 ) -> ImageDataset:
@@ -56,7 +62,7 @@ def load_training_data(
                 "give the training data with --data."
             )
         data = source
-    train = data if isinstance(data, ImageDataset) else load_dataset(data)
+    train = data if isinstance(data, ImageDataset) else load_recorded_data(data, recorded)
     if train.fingerprint != recorded.get("fingerprint"):
         raise StoreMismatchError(
             f"training data {train.source or 'given'!r} has fingerprint {train.fingerprint[:16]}..., but the store "

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
@@ -63,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        prepare(args)
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
+            prepare(args)
+            return int(args.func(args) or 0)
     except RetracError as exc:
         end_progress_bars()  # the message starts on its own line, not after a half-drawn bar
         print(f"retrac {args.command}: error: {exc}", file=sys.stderr)
@@ -73,3 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         end_progress_bars()
         print(f"retrac {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _warning_printer(command: str, fallback):
+    """retrac's own warnings as one line, ``retrac VERB: warning: ...``, above any progress bar."""
+    package = str(Path(__file__).resolve().parents[1])
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not str(filename).startswith(package):
+            return fallback(message, category, filename, lineno, file, line)
+        from tqdm import tqdm
+
+        tqdm.write(f"retrac {command}: warning: {message}", file=sys.stderr)
+
+    return show

@@ -6,7 +6,15 @@ import argparse
 import json
 
 from retrac.audit import AuditConfig
-from retrac.cli.options import QUERY_PRESETS_HELP, add_compute_options, add_overwrite
+from retrac.cli.options import (
+    QUERY_PRESETS_HELP,
+    add_compute_options,
+    add_data_options,
+    add_overwrite,
+    check_pixel_range,
+    indexed_store,
+    load_query_images,
+)
 from retrac.errors import ConfigError
 from retrac.query.attribution import DEFAULT_QUERY_PRESET, QUERY_PRESETS, QueryEvents
 from retrac.sampling import DEFAULT_SAMPLING_SEED
@@ -62,6 +70,7 @@ def add_audit_command(sub) -> None:
         default=None,
         help="training data (default: the source recorded in the store; fingerprint checked)",
     )
+    add_data_options(p)
     p.add_argument(
         "--neighbours",
         type=int,
@@ -109,10 +118,14 @@ def _run_audit(args: argparse.Namespace) -> int:
         copy_threshold=args.copy_threshold,
         near_threshold=args.near_threshold,
     )
+    images = None
+    if args.images is not None:
+        images = load_query_images(args)
+        check_pixel_range(args, images, indexed_store(args.index[0]))
     summary = run_audit(
         args.index,
         args.out,
-        images=args.images,
+        images=images,
         generate=args.generate,
         seed=args.seed,
         sampling_steps=args.sampling_steps,

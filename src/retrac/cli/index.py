@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from retrac.checkpoints import CHECKPOINT_INFO, DEFAULT_CHECKPOINT_WEIGHT
-from retrac.cli.options import add_compute_options
+from retrac.cli.options import add_compute_options, add_data_options
 from retrac.events import SCHEDULE_HELP
 from retrac.indexer.claims import DEFAULT_LEASE_SECONDS
 from retrac.indexer.config import DEFAULT_DIM, DTYPES, LAYOUTS, IndexConfig
@@ -125,6 +125,7 @@ def add_index_command(sub) -> None:
         metavar="PATTERN",
         help="parameters left out",
     )
+    add_data_options(p, "--data")
     add_compute_options(p)
     p.set_defaults(func=_run_index)
 
@@ -148,9 +149,14 @@ def _run_index(args: argparse.Namespace) -> int:
     )
     # each local worker gets cores / local_world_size threads unless --threads says otherwise
     threads = args.threads if args.threads is not None else default_threads(args.shard)
+    data = args.data
+    if args.pixel_range is not None or args.labels is not None:
+        from retrac.data import load_dataset
+
+        data = load_dataset(args.data, pixel_range=args.pixel_range, labels=args.labels)
     store = featurize_dataset(
         args.checkpoint,
-        args.data,
+        data,
         args.out,
         config,
         shard=args.shard,

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -131,6 +132,62 @@ def add_location_overrides(p: argparse.ArgumentParser) -> None:
         help="where the store's checkpoints are now, once per checkpoint in training order (default: the "
         "recorded paths, or where moving the folder tree put them; each checked by sha256)",
     )
+
+
+def add_data_options(p: argparse.ArgumentParser, what: str = "--images") -> None:
+    """``--pixel-range`` and ``--labels``: how the values and labels of ``what`` are read."""
+    # let "--pixel-range -1,1" through: argparse takes only plain negative numbers for values, not "-1,1"
+    p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-?[\d.]+,-?[\d.]+$")
+    p.add_argument(
+        "--pixel-range",
+        default=None,
+        metavar="LO,HI",
+        help=f"the value range of {what}, mapped to the model's [-1, 1]: -1,1 (floats, default), 0,1 (torchvision's "
+        "ToTensor), 0,255 (floats holding 8-bit values); 8-bit files are always 0,255",
+    )
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE",
+        help=f"class labels of {what} for a class-conditional model: .npy (N,) integers, .txt one a line, or "
+        ".json (a list or {id: label}); default: the data's own (.npz labels, folder/CLASS/ subfolders)",
+    )
+
+
+def load_query_images(args: argparse.Namespace):
+    """``--images`` read with ``--pixel-range`` / ``--labels``."""
+    from retrac.data import load_dataset
+
+    return load_dataset(args.images, pixel_range=args.pixel_range, labels=args.labels)
+
+
+def check_pixel_range(args: argparse.Namespace, images, store) -> None:
+    """Refuse float query images read with the default range when the store's float training data was read
+    with another (``--pixel-range 0,1`` at indexing): the two would be mapped to [-1, 1] differently."""
+    recorded = store.attrs.get("dataset", {})
+    trained = recorded.get("pixel_range")
+    both_float = _is_float(recorded.get("pixel_dtype")) and _is_float(images.pixel_dtype)
+    if trained and both_float and args.pixel_range is None and tuple(trained) != tuple(images.pixel_range):
+        lo, hi = (f"{v:g}" for v in trained)
+        raise ConfigError(
+            f"the store's training images (floats) were read with --pixel-range {lo},{hi}, the query images "
+            f"{args.images!r} (floats) with the default -1,1: give --pixel-range {lo},{hi} if they follow the "
+            "training data's convention (or --pixel-range -1,1 if they really lie in [-1, 1])."
+        )
+
+
+def indexed_store(index: str):
+    """The feature store an index folder records (found as ``Attributor`` finds it after a move)."""
+    from retrac.indexer.store import FeatureStore
+    from retrac.query.index.persist import read_manifest
+    from retrac.relocate import recorded_path
+
+    recorded = read_manifest(index)["store"]
+    return FeatureStore.open(recorded_path(recorded["path"], recorded.get("relative_path"), index))
+
+
+def _is_float(dtype: str | None) -> bool:
+    return bool(dtype) and dtype.startswith("float")
 
 
 def query_events(args: argparse.Namespace) -> QueryEvents:

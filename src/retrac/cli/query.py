@@ -6,8 +6,11 @@ import argparse
 
 from retrac.cli.options import (
     add_compute_options,
+    add_data_options,
     add_location_overrides,
     add_query_event_options,
+    check_pixel_range,
+    load_query_images,
     query_events,
 )
 from retrac.query.attribution import DEFAULT_TOP_K
@@ -55,6 +58,7 @@ def add_query_command(sub) -> None:
         help="re-score the index's top R candidates exactly against the store's vectors (exact scores; "
         "recall as the candidates allow; e.g. 100 for an IVF-SQ8 or on-disk index)",
     )
+    add_data_options(p)
     add_location_overrides(p)
     add_query_event_options(p)
     add_compute_options(p)
@@ -69,11 +73,10 @@ def add_query_command(sub) -> None:
 def _run_query(args: argparse.Namespace) -> int:
     import json
 
-    from retrac.data import load_dataset
     from retrac.query.attribution import Attributor
     from retrac.schema import query_document, typed_ids
 
-    images = load_dataset(args.images)
+    images = load_query_images(args)
     attributor = Attributor(
         args.index,
         store=args.store,
@@ -82,6 +85,7 @@ def _run_query(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not (args.json or args.no_progress),
     )
+    check_pixel_range(args, images, attributor.feature_store)
     labels = images.labels if attributor.task.is_class_conditional else None
     methods = [args.method] if args.method else attributor.methods
     query_ids = typed_ids(images.ids, images.source)

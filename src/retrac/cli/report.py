@@ -9,9 +9,12 @@ from retrac._io import atomic_write_text, publish_directory
 from retrac.bias import DEFAULT_FRACTION, DEFAULT_MIN_QUERIES
 from retrac.cli.options import (
     add_compute_options,
+    add_data_options,
     add_location_overrides,
     add_overwrite,
     add_query_event_options,
+    check_pixel_range,
+    load_query_images,
     query_events,
 )
 from retrac.query.attribution import DEFAULT_TOP_K
@@ -40,6 +43,7 @@ def add_report_command(sub) -> None:
         required=True,
         help="query images: an image file, a folder of images, .npy or .npz",
     )
+    add_data_options(p)
     add_location_overrides(p)
     p.add_argument(
         "--data",
@@ -82,13 +86,13 @@ def add_report_command(sub) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     import json
 
+    from retrac.audit.training import load_recorded_data
     from retrac.bias import load_outlier_ids, measure_bias
-    from retrac.data import load_dataset
     from retrac.errors import DataError
     from retrac.query.attribution import Attributor
     from retrac.report.bias import write_bias_report
 
-    images = load_dataset(args.images)
+    images = load_query_images(args)
     attributor = Attributor(
         args.index,
         store=args.store,
@@ -98,13 +102,14 @@ def _run_report(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     store = attributor.feature_store
+    check_pixel_range(args, images, store)
     data_path = args.data or attributor.training_data_path  # the recorded data, moved as the store moved
     data_path = None if data_path is None else str(data_path)
     if not data_path or not Path(data_path).exists():
         raise DataError(
             f"the store records no readable training data path ({data_path!r}); give the training images with --data."
         )
-    train = load_dataset(data_path)
+    train = load_recorded_data(data_path, store.attrs["dataset"])  # with the recorded pixel range and labels
     if train.fingerprint != store.attrs["dataset"].get("fingerprint"):
         same_ids = "same ids but other pixels or labels" if train.ids == store.ids else "the ids differ"
         raise DataError(

@@ -121,7 +121,11 @@ def store_attributes(
             "num_samples": len(data),
             "fingerprint": data.fingerprint,
             "has_labels": data.labels is not None,
-            "source": data.source,
+            # absolute, so that it can be found again after a move (retrac.relocate)
+            "source": str(Path(data.source).absolute())
+            if data.source and Path(data.source).exists()
+            else data.source,
+            **data.record(),  # pixel range, class map, labels file: how to read the data again the same way
         },
         "layout": layout,
         "versions": _versions(),
