@@ -21,7 +21,15 @@ positive finite number.
 
 The checkpoint's noise scheduler is part of what it is: :func:`scheduler_record` (the diffusers
 config less private keys) is recorded per checkpoint in the store and the index, and
-:func:`check_scheduler` refuses a query whose scheduler differs, naming the keys.
+:func:`check_scheduler` refuses a query whose scheduler differs, naming the keys. It is found the way
+diffusers finds a pipeline's: ``scheduler/`` in the checkpoint folder, its parent or grandparent (an
+accelerate ``output_dir/checkpoint-N/``), with the class named by ``scheduler_config.json`` or by the
+pipeline's ``model_index.json``. When none was saved, :func:`scheduler_from_spec` builds one from a
+folder or a class name with arguments (``retrac index --scheduler``).
+
+Where a checkpoint holds both ``unet/`` and ``unet_ema/`` (diffusers' training scripts with
+``--use_ema``), ``unet/`` is used and a warning names ``unet_ema/``; give ``CHECKPOINT/unet_ema`` to
+attribute the EMA weights instead.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -44,6 +53,15 @@ LORA_WEIGHT_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' LoRA tr
 DENOISER_FOLDERS = ("unet", "transformer")  # a pipeline's denoiser subfolder
 CHECKPOINT_INFO = "retrac_checkpoint.json"
 DEFAULT_CHECKPOINT_WEIGHT = 1.0  # w_k when neither PATH=WEIGHT nor retrac_checkpoint.json gives one
+EMA_FOLDER = "unet_ema"  # where diffusers' training scripts save EMA weights beside unet/
+SCHEDULER_SPEC_HELP = (
+    "a folder with scheduler_config.json (or a pipeline folder with scheduler/), or a diffusers scheduler class "
+    "with its arguments, e.g. DDPMScheduler:num_train_timesteps=1000,beta_schedule=linear"
+)
+
+
+class EMAChoiceWarning(UserWarning):
+    """A checkpoint holds ``unet/`` and ``unet_ema/``; ``unet/`` was used."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,13 @@ def _find_model_dir(path: Path) -> tuple[Path, Path]:
         if (model_dir / "config.json").is_file():
             for name in MODEL_WEIGHT_FILES:
                 if (model_dir / name).is_file():
+                    if model_dir.name == "unet" and (path / EMA_FOLDER / "config.json").is_file():
+                        warnings.warn(
+                            f"checkpoint {str(path)!r} holds unet/ and {EMA_FOLDER}/ (EMA weights); using unet/. "
+                            f"Give {str(path / EMA_FOLDER)!r} as the checkpoint to attribute the EMA model.",
+                            EMAChoiceWarning,
+                            stacklevel=3,
+                        )
                     return model_dir, model_dir / name
             raise CheckpointError(
                 f"checkpoint {str(model_dir)!r} has config.json but no {' or '.join(MODEL_WEIGHT_FILES)}; "
@@ -199,33 +224,105 @@ def load_unet(path: str | Path):
     return model.eval()
 
 
-def load_scheduler(path: str | Path):
-    """Load the noise scheduler saved with a checkpoint (``scheduler/`` next to or above it)."""
+def _scheduler_class(name, where: str):
+    """The diffusers scheduler class called ``name``, or a ``CheckpointError`` naming it."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise CheckpointError(f"scheduler class {name!r} ({where}) is not a diffusers scheduler.")
+    return cls
+
+
+def _pipeline_scheduler_class(folder: Path) -> str | None:
+    """The scheduler class a pipeline's ``model_index.json`` names for ``folder`` (its ``scheduler/``)."""
+    index = folder.parent / "model_index.json"
+    if folder.name != "scheduler" or not index.is_file():
+        return None
+    entry = read_json(index, "pipeline model_index.json", CheckpointError)
+    entry = entry.get("scheduler") if isinstance(entry, dict) else None
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+
+
+def _scheduler_in(folder: Path):
+    """The scheduler saved in ``folder`` (``scheduler_config.json``), its class from the config or the
+    pipeline's ``model_index.json``, as diffusers' ``from_pretrained`` reads it."""
+    config = read_json(folder / "scheduler_config.json", "scheduler config", CheckpointError)
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    cls = _scheduler_class(name or _pipeline_scheduler_class(folder) or "DDPMScheduler", str(folder))
+    try:
+        return cls.from_pretrained(str(folder))
+    except Exception as exc:  # values the scheduler refuses (a bad beta schedule, ...)
+        raise CheckpointError(
+            f"scheduler config in {str(folder)!r} cannot be loaded ({type(exc).__name__}: {exc}); "
+            "restore scheduler_config.json."
+        ) from None
+
+
+def scheduler_from_spec(spec):
+    """A noise scheduler from ``--scheduler SPEC``: a scheduler object (returned as is), a folder holding
+    ``scheduler_config.json`` (or a pipeline folder with ``scheduler/``), or ``CLASS[:key=value,...]``
+    with values read as JSON when they parse (``1000``, ``0.02``, ``true``, ``"linear"``), else as text.
+
+    Raises:
+        CheckpointError: no scheduler there, an unknown class, arguments the class refuses.
+    """
+    import diffusers
+
+    if isinstance(spec, diffusers.SchedulerMixin):
+        return spec
+    text = str(spec)
+    path = Path(text)
+    if path.exists():
+        for folder in (path, path / "scheduler"):
+            if (folder / "scheduler_config.json").is_file():
+                return _scheduler_in(folder)
+        raise CheckpointError(
+            f"--scheduler {text!r} holds no scheduler_config.json (nor scheduler/scheduler_config.json); give "
+            f"{SCHEDULER_SPEC_HELP}."
+        )
+    name, _, arguments = text.partition(":")
+    cls = _scheduler_class(name.strip(), f"--scheduler {text!r}; give {SCHEDULER_SPEC_HELP}")
+    kwargs = {}
+    for item in filter(None, (part.strip() for part in arguments.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CheckpointError(
+                f"--scheduler {text!r}: {item!r} is not key=value; give {SCHEDULER_SPEC_HELP}."
+            )
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value.strip()
+    try:
+        return cls(**kwargs)
+    except Exception as exc:
+        raise CheckpointError(
+            f"--scheduler {text!r}: {cls.__name__} refuses these arguments ({exc})."
+        ) from None
+
+
+def load_scheduler(path: str | Path, spec=None):
+    """The noise scheduler of a checkpoint: ``spec`` when given (:func:`scheduler_from_spec`), else the one
+    saved with it (``scheduler/`` in it, its parent or grandparent, as a pipeline or an accelerate
+    ``output_dir/checkpoint-N/`` has it)."""
+    if spec is not None:
+        return scheduler_from_spec(spec)
     path = Path(path)
     candidates = [path / "scheduler", path, path.parent / "scheduler", path.parent.parent / "scheduler"]
     for folder in candidates:
         if (folder / "scheduler_config.json").is_file():
-            import diffusers
-
-            config = read_json(folder / "scheduler_config.json", "scheduler config", CheckpointError)
-            name = config.get("_class_name", "DDPMScheduler") if isinstance(config, dict) else None
-            cls = getattr(diffusers, name, None) if isinstance(name, str) else None
-            if cls is None or not hasattr(cls, "from_pretrained"):
-                raise CheckpointError(
-                    f"scheduler class {name!r} in {str(folder)!r} is not a diffusers scheduler."
-                )
-            try:
-                return cls.from_pretrained(str(folder))
-            except Exception as exc:  # values the scheduler refuses (a bad beta schedule, ...)
-                raise CheckpointError(
-                    f"scheduler config in {str(folder)!r} cannot be loaded ({type(exc).__name__}: {exc}); "
-                    "restore scheduler_config.json."
-                ) from None
+            return _scheduler_in(folder)
     raise CheckpointError(
         f"no scheduler_config.json found with checkpoint {str(path)!r} (looked in "
-        f"{', '.join(str(c) for c in candidates)}); save the scheduler with scheduler.save_pretrained there "
-        "or pass a scheduler explicitly."
+        f"{', '.join(str(c) for c in candidates)}); save the scheduler there with scheduler.save_pretrained, or "
+        f"give one with --scheduler ({SCHEDULER_SPEC_HELP}; Python: ModelParts(scheduler=...))."
     )
+
+
+def scheduler_from_record(class_name: str, record: dict):
+    """The scheduler a store recorded: ``class_name`` built from the recorded config (``--scheduler`` at indexing)."""
+    return _scheduler_class(class_name, "recorded in the store").from_config(record)
 
 
 def resolve_checkpoint(spec: str | Path, weight: float | None = None) -> Checkpoint:
