@@ -37,6 +37,7 @@ from retrac.checkpoints import (
     load_state_dict,
     load_unet,
     lora_weights_file,
+    scheduler_from_spec,
     scheduler_record,
     state_dict_sha256,
 )
@@ -82,6 +83,7 @@ class ModelParts:
     base_model: str | None = None
     latent_mode: str = "mean"
     latent_seed: int = 0
+    scheduler: object | None = None  # --scheduler: a folder, "CLASS:key=value,...", or a scheduler object
 
     def __post_init__(self) -> None:
         if self.latent_mode not in LATENT_MODES:
@@ -309,8 +311,15 @@ def with_pipeline_scheduler(checkpoint: Checkpoint, parts: ModelParts | None) ->
     """``checkpoint`` with the record of its scheduler (a LoRA checkpoint's is its base model's)."""
     if checkpoint.scheduler is not None:
         return checkpoint
-    source = scheduler_source(checkpoint.path, parts)
-    return replace(checkpoint, scheduler=scheduler_record(load_scheduler(source)))
+    return replace(checkpoint, scheduler=scheduler_record(checkpoint_scheduler(checkpoint.path, parts)))
+
+
+def checkpoint_scheduler(checkpoint: str | Path, parts: ModelParts | None):
+    """A checkpoint's noise scheduler: ``parts.scheduler`` (``--scheduler``) when given, else the one saved
+    with it (a LoRA checkpoint's is its base model's)."""
+    if parts is not None and parts.scheduler is not None:
+        return scheduler_from_spec(parts.scheduler)
+    return load_scheduler(scheduler_source(checkpoint, parts))
 
 
 def checkpoint_task(

@@ -6,6 +6,8 @@ import argparse
 
 from retrac.checkpoints import CHECKPOINT_INFO, DEFAULT_CHECKPOINT_WEIGHT
 from retrac.cli.options import add_compute_options, add_data_options
+from retrac.cli.parts import add_model_part_options, describe_task_record, model_parts
+from retrac.data import CAPTION_COLUMN
 from retrac.events import SCHEDULE_HELP
 from retrac.indexer.claims import DEFAULT_LEASE_SECONDS
 from retrac.indexer.config import DEFAULT_DIM, DTYPES, LAYOUTS, IndexConfig
@@ -126,6 +128,7 @@ def add_index_command(sub) -> None:
         help="parameters left out",
     )
     add_data_options(p, "--data")
+    add_model_part_options(p)
     add_compute_options(p)
     p.set_defaults(func=_run_index)
 
@@ -150,10 +153,12 @@ def _run_index(args: argparse.Namespace) -> int:
     # each local worker gets cores / local_world_size threads unless --threads says otherwise
     threads = args.threads if args.threads is not None else default_threads(args.shard)
     data = args.data
-    if args.pixel_range is not None or args.labels is not None:
+    if args.caption_column != CAPTION_COLUMN or args.pixel_range is not None or args.labels is not None:
         from retrac.data import load_dataset
 
-        data = load_dataset(args.data, pixel_range=args.pixel_range, labels=args.labels)
+        data = load_dataset(
+            args.data, caption_column=args.caption_column, pixel_range=args.pixel_range, labels=args.labels
+        )
     store = featurize_dataset(
         args.checkpoint,
         data,
@@ -164,6 +169,7 @@ def _run_index(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         threads=threads,
         lease_seconds=args.lease,
+        parts=model_parts(args),
     )
     missing = store.missing()
     print(
@@ -178,6 +184,8 @@ def _run_index(args: argparse.Namespace) -> int:
             f"not covered (left out of features and norms): {', '.join(record['uncovered'][:5])}"
             + (" ..." if len(record["uncovered"]) > 5 else "")
         )
+    for line in describe_task_record(store.attrs["task"]):
+        print(line)
     print(f"fingerprint {store.fingerprint}")
     print(
         "complete"

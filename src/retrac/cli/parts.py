@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import argparse
 
+from retrac.checkpoints import SCHEDULER_SPEC_HELP
 from retrac.data import CAPTION_COLUMN
 from retrac.latents import LATENT_MODES
 
 
 def add_model_part_options(p: argparse.ArgumentParser) -> None:
-    """``--vae``, ``--text-encoder``, ``--base-model``, ``--latent-mode``, ``--caption-column``."""
+    """``--scheduler``, ``--vae``, ``--text-encoder``, ``--base-model``, ``--latent-mode``, ``--caption-column``."""
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="SPEC",
+        help=f"the noise scheduler, when none was saved with the checkpoints: {SCHEDULER_SPEC_HELP} "
+        "(recorded in the store: queries need not give it again)",
+    )
     group = p.add_argument_group("latent, text-to-image and LoRA models")
     group.add_argument(
         "--vae",
@@ -62,6 +70,7 @@ def model_parts(args: argparse.Namespace):
         base_model=args.base_model,
         latent_mode=args.latent_mode,
         latent_seed=getattr(args, "seed", 0) or 0,
+        scheduler=getattr(args, "scheduler", None),
     )
     return None if parts == ModelParts() else parts
 

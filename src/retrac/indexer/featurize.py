@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retrac.checkpoints import Checkpoint, load_scheduler, resolve_checkpoint
+from retrac.checkpoints import Checkpoint, resolve_checkpoint
 from retrac.data import ImageDataset, load_dataset
 from retrac.errors import CheckpointError, ConfigError, StoreDamagedError
 from retrac.events import EventPlan
@@ -23,7 +23,7 @@ from retrac.indexer.inputs import TrainingInputs
 from retrac.indexer.layout import COMPACT_VECTOR_KINDS
 from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore, chunk_rows_for
 from retrac.indexer.workers import ShardPlan, plan_shards
-from retrac.pipeline import ModelParts, checkpoint_task, scheduler_source, with_pipeline_scheduler
+from retrac.pipeline import ModelParts, checkpoint_scheduler, checkpoint_task, with_pipeline_scheduler
 from retrac.projection import make_projector, projected_gradients
 from retrac.task import DEFAULT_DEVICE, DiffusionTask
 
@@ -78,7 +78,7 @@ def _load_task(
 ) -> DiffusionTask:
     """Checkpoint ``k``'s task; ``like`` (checkpoint 0's task) lends its VAE and text encoder."""
     if scheduler is None:
-        scheduler = load_scheduler(scheduler_source(checkpoint.path, parts))
+        scheduler = checkpoint_scheduler(checkpoint.path, parts)
     frozen = None if like is None else (like.latent_encoder, like.prompt_encoder)
     include, exclude = config.include or None, config.exclude or None
     return checkpoint_task(
@@ -235,6 +235,8 @@ def _featurize(
         for k in range(len(resolved))
     ]
     attrs = store_attributes(config, task, plan, projectors, resolved, dataset)
+    if parts is not None and parts.scheduler is not None:  # --scheduler: queries rebuild it from the record
+        attrs["task"]["scheduler_class"] = type(task.scheduler).__name__
     store = FeatureStore.create_or_open(out, attrs, dataset.ids)
     if store.ids_problem() is not None:  # a damaged ids chunk: the data set's ids are the recorded ones
         store.rewrite_ids(dataset.ids)

@@ -353,7 +353,7 @@ class Attributor:
 
     # ------------------------------------------------------------------ loading
     def _load_checkpoint(self, k: int):
-        from retrac.checkpoints import check_scheduler, load_scheduler
+        from retrac.checkpoints import check_scheduler, load_scheduler, scheduler_from_record
         from retrac.pipeline import (
             load_indexed_denoiser,
             load_recorded_frozen,
@@ -379,7 +379,10 @@ class Attributor:
         if self._frozen is None:
             self._frozen = load_recorded_frozen(record, parts)  # checked by sha256 against the record
         cfg = self._store.config
-        scheduler = load_scheduler(scheduler_source(path, parts))
+        if record.get("scheduler_class"):  # --scheduler at indexing: rebuilt from the store's record
+            scheduler = scheduler_from_record(record["scheduler_class"], ckpt.scheduler)
+        else:
+            scheduler = load_scheduler(scheduler_source(path, parts))
         check_scheduler(ckpt, scheduler)  # the scheduler recorded at indexing (prediction type, betas, T)
         task = DiffusionTask(
             model.to(self.device),
