@@ -182,6 +182,8 @@ def load_prompt_encoder(path: str | Path) -> PromptEncoder:
             f"{', '.join(TEXT_ENCODER_CLASSES)}."
         )
     tokenizer_folder = _tokenizer_folder(folder)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar on every query
     try:
         model = getattr(transformers, name).from_pretrained(str(folder), local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
@@ -189,6 +191,9 @@ def load_prompt_encoder(path: str | Path) -> PromptEncoder:
         raise CheckpointError(
             f"the text encoder in {str(folder)!r} or its tokenizer cannot be loaded ({type(exc).__name__}: {exc})."
         ) from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     encoder = PromptEncoder(model, tokenizer)
     encoder.path = str(folder.resolve())
     return encoder
@@ -301,10 +306,19 @@ def check_recorded(kind: str, recorded: dict | None, actual: dict | None) -> Non
 
 
 def scheduler_source(checkpoint: str | Path, parts: ModelParts | None) -> Path:
-    """Where a checkpoint's scheduler is looked for: the base model for a LoRA checkpoint, else the checkpoint."""
-    if parts is not None and parts.base_model and is_lora_checkpoint(checkpoint):
-        return Path(parts.base_model)
-    return Path(checkpoint)
+    """Where a checkpoint's scheduler is looked for: the base model for a LoRA checkpoint, else the checkpoint.
+
+    Raises:
+        CheckpointError: a LoRA checkpoint without a base model.
+    """
+    if not is_lora_checkpoint(checkpoint):
+        return Path(checkpoint)
+    if parts is None or not parts.base_model:
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} holds LoRA adapter weights ({LORA_WEIGHT_FILE}) and no model: give "
+            "the base model they were trained on with --base-model PATH."
+        )
+    return Path(parts.base_model)
 
 
 def with_pipeline_scheduler(checkpoint: Checkpoint, parts: ModelParts | None) -> Checkpoint:
