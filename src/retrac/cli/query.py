@@ -13,6 +13,7 @@ from retrac.cli.options import (
     load_query_images,
     query_events,
 )
+from retrac.cli.steps import add_prompt_options, run_step_query
 from retrac.query.attribution import DEFAULT_TOP_K
 
 
@@ -31,8 +32,8 @@ def add_query_command(sub) -> None:
     )
     p.add_argument(
         "--images",
-        required=True,
-        help="query images: an image file, a folder of images, .npy or .npz",
+        default=None,
+        help="query images: an image file, a folder of images, .npy or .npz (required unless --query-steps)",
     )
     p.add_argument(
         "--k",
@@ -58,6 +59,7 @@ def add_query_command(sub) -> None:
         help="re-score the index's top R candidates exactly against the store's vectors (exact scores; "
         "recall as the candidates allow; e.g. 100 for an IVF-SQ8 or on-disk index)",
     )
+    add_prompt_options(p)
     add_data_options(p)
     add_location_overrides(p)
     add_query_event_options(p)
@@ -73,9 +75,16 @@ def add_query_command(sub) -> None:
 def _run_query(args: argparse.Namespace) -> int:
     import json
 
+    from retrac.errors import ConfigError
     from retrac.query.attribution import Attributor
     from retrac.schema import query_document, typed_ids
 
+    if args.query_steps is not None:
+        return run_step_query(args)
+    if args.images is None:
+        raise ConfigError(
+            "give query images with --images (or --query-steps with --prompt to attribute a generated one)."
+        )
     images = load_query_images(args)
     attributor = Attributor(
         args.index,
@@ -89,9 +98,20 @@ def _run_query(args: argparse.Namespace) -> int:
     labels = images.labels if attributor.task.is_class_conditional else None
     methods = [args.method] if args.method else attributor.methods
     query_ids = typed_ids(images.ids, images.source)
+    prompts = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
+    if prompts is None and images.captions is not None and attributor.task.is_text_conditional:
+        prompts = images.captions  # the query folder's metadata.jsonl
     results = {
         m: attributor.attribute(
-            images.images, args.k, m, args.opponents, labels, query_ids=query_ids, rerank=args.rerank
+            images.images,
+            args.k,
+            m,
+            args.opponents,
+            labels,
+            query_ids=query_ids,
+            rerank=args.rerank,
+            prompts=prompts,
+            input_space=args.input_space,
         )
         for m in methods
     }
