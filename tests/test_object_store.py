@@ -151,6 +151,8 @@ def test_s3_work_stealing_and_cli(world, s3_endpoint, capsys):
     store = FeatureStore.open(url)
     assert ledger(store) == ledger(world["local"])
     assert not store.location.list("claims/checkpoint-00") and not store.location.list("claims/checkpoint-01")
+    assert main(["verify", url]) == 0  # every shard's digest checked on the object store
+    assert "is whole" in capsys.readouterr().out
 
 
 def test_memory_and_file_urls_open_like_paths(world, tmp_path):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from retrac._io import file_sha256, read_json
 from retrac.errors import ConfigError, DataError, IndexDamagedError, StoreDamagedError, StoreMismatchError
+from retrac.indexer.location import is_url, open_location
 from retrac.indexer.store import LEDGER_NAME, FeatureStore, checkpoint_group
 
 
@@ -75,6 +76,8 @@ class VerifyReport:
 
 def _stray_ledger_entries(store: FeatureStore) -> list[Path]:
     """Files in ``ledger/`` that name no shard of ``store`` (a checkpoint or shard out of range)."""
+    if not store.location.is_local:
+        return []  # object storage: entries are listed by name; strays are never read either
     root = store.path / "ledger"
     known = {checkpoint_group(k) for k in range(store.num_checkpoints)}
     strays = []
@@ -115,7 +118,8 @@ def verify_store(path: str | Path, progress: bool = False) -> VerifyReport:
             f"{stray.relative_to(store.path)} names no checkpoint or shard of this store (ignored)"
         )
     total = store.num_checkpoints * store.num_shards
-    with tqdm(total=total, desc=f"verify {store.path.name}", unit="shard", disable=not progress) as bar:
+    name = store.url.rstrip("/").rpartition("/")[2]
+    with tqdm(total=total, desc=f"verify {name}", unit="shard", disable=not progress) as bar:
         for k in range(store.num_checkpoints):
             for shard in range(store.num_shards):
                 start, stop = store.shard_range(shard)
@@ -229,7 +233,9 @@ def verify(path: str | Path, progress: bool = False) -> VerifyReport:
     Raises:
         ConfigError: ``path`` is neither.
     """
-    path = Path(path)
+    if is_url(path) and not str(path).startswith("file://"):
+        return verify_store(str(path), progress)  # an object-storage store (s3://, gs://, memory://)
+    path = open_location(path).path if is_url(path) else Path(path)
     for is_kind, verifier in VERIFIERS.values():
         if path.is_dir() and is_kind(path):
             return verifier(path, progress)
