@@ -28,6 +28,17 @@ about 36M parameters), all on the same batch of rows (sample-events):
 * ``trainstep``: a plain batched training step (forward, backward, SGD step) on the same rows: the
   ceiling.
 
+Then (``--t2i``, on by default; ``--only-t2i`` runs it alone) a latent text-to-image row: a
+``UNet2DConditionModel`` of Stable Diffusion 1.5's shape at reduced width (block_out_channels
+(64, 128, 256, 256) instead of (320, 640, 1280, 1280), cross-attention width 256 over 77 tokens,
+16x16 latents, random weights, about 35M parameters), text-conditioned rows (latents and
+``encoder_hidden_states`` drawn at random: the VAE and the text encoder are frozen one-off costs),
+as a full fine-tune and with a rank-4 LoRA adapter on ``to_q/to_k/to_v/to_out.0`` (as diffusers'
+LoRA training script adds it): the factored projector against a training step of the same model
+(for LoRA, a step that updates the adapter only), the share of parameters covered, and for LoRA
+also the dense projector (vmap per-sample gradients of the adapter, trak JL), which fits there.
+One JSON object, ``"benchmark": "featurize_t2i"``.
+
 The last line printed is one JSON object with ``factored_over_trak_cifar``,
 ``factored_over_trainstep_cifar``, ``factored_over_trainstep_demo`` (ratios of sample-events per
 second) and the rates behind them.
@@ -37,6 +48,7 @@ Usage::
     python benchmarks/featurize.py                    # ~10 min on 2 shared CPU cores
     python benchmarks/featurize.py --quick            # fewer rows and blocks (~3-4 min)
     python benchmarks/featurize.py --device cuda --samples 512
+    python benchmarks/featurize.py --only-t2i          # the latent text-to-image row alone (~2 min)
 """
 
 from __future__ import annotations
@@ -252,6 +264,101 @@ def projector_comparison(args) -> dict:
     return out
 
 
+def sd_like_unet():
+    """``UNet2DConditionModel`` of Stable Diffusion 1.5's shape at reduced width (about 35M parameters)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(64, 128, 256, 256),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=256,
+        attention_head_dim=8,
+    )
+
+
+def t2i_trainstep_rate(task: DiffusionTask, x_t, t, target, states, device: str, repeats: int) -> float:
+    """Sample-events per second of a batched training step updating the parameters that count."""
+    params = list(task.selected_parameters().values())
+    optimizer = torch.optim.SGD(params, lr=1e-6)
+
+    def step():
+        loss = task.objective_from_output(task.model_output(x_t, t, states), target).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    task.model.train()
+    step()  # warm-up
+    seconds = timed(step, device, repeats)
+    task.model.eval()
+    task.model.zero_grad(set_to_none=True)
+    return x_t.shape[0] / seconds
+
+
+def t2i_model_row(name: str, args, states) -> dict:
+    """One row of the text-to-image comparison: ``name`` is ``full`` or ``lora_r4``."""
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    device, rows = args.device, args.t2i_rows
+    torch.manual_seed(0)
+    model = sd_like_unet()
+    if name == "lora_r4":
+        targets = ["to_q", "to_k", "to_v", "to_out.0"]
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets))
+    task = DiffusionTask(model.to(device), DDPMScheduler(num_train_timesteps=1000))
+    x_t, t, target = rows_for(task, rows, device)
+    stage1 = FactoredProjector(task, 1, 0).stage1_dim
+    projector = FactoredProjector(task, min(args.factored_dim, stage1), projector_seed(0, 0))
+    projector._device_matrices(torch.device(device))
+    projector.featurize_rows(task, x_t[:2], t[:2], target[:2], states[:2])  # warm-up
+    seconds = timed(lambda: projector.featurize_rows(task, x_t, t, target, states), device, args.t2i_repeats)
+    record = projector.to_dict()
+    row = {
+        "parameters_total": sum(p.numel() for p in model.parameters()),
+        "parameters_counted": task.num_parameters,
+        "factored_dim": projector.dim,
+        "factored_covered_share": round(1 - record["uncovered_share"], 6),
+        "factored_uncovered": record["uncovered"][:5],
+        "factored_sample_events_per_s": round(rows / seconds, 3),
+        "trainstep_sample_events_per_s": round(
+            t2i_trainstep_rate(task, x_t, t, target, states, device, args.t2i_repeats), 3
+        ),
+    }
+    if name == "lora_r4":  # the adapter's P is small enough for vmap gradients + trak JL
+        dense = DenseProjector(task.num_parameters, projector.dim, projector_seed(0, 0))
+        dense.featurize_rows(task, x_t[:2], t[:2], target[:2], states[:2])  # warm-up
+        dense_seconds = timed(lambda: dense.featurize_rows(task, x_t, t, target, states), device)
+        row["dense_sample_events_per_s"] = round(rows / dense_seconds, 3)
+    return row
+
+
+def t2i_comparison(args) -> dict:
+    """factored vs a training step on an SD-like UNet2DConditionModel: full fine-tune and LoRA rank 4."""
+    rows = args.t2i_rows
+    out: dict = {"benchmark": "featurize_t2i", "dim": args.factored_dim, "device": args.device, "rows": rows}
+    states = torch.randn((rows, 77, 256), generator=torch.Generator().manual_seed(0)).to(args.device)
+    out["threads"] = torch.get_num_threads()
+    for name in ("full", "lora_r4"):
+        row = t2i_model_row(name, args, states)
+        out[name] = row
+        factored = row["factored_sample_events_per_s"]
+        out[f"factored_over_trainstep_{name}"] = round(factored / row["trainstep_sample_events_per_s"], 3)
+        if "dense_sample_events_per_s" in row:
+            out[f"factored_over_dense_{name}"] = round(factored / row["dense_sample_events_per_s"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64, help="digits featurized (default: %(default)s)")
@@ -289,11 +396,23 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="16 digits, 8 CIFAR rows, 2 trak rows and blocks"
     )
+    parser.add_argument(
+        "--t2i-rows",
+        type=int,
+        default=8,
+        help="sample-events per batch, text-to-image row (default: %(default)s)",
+    )
+    parser.add_argument("--t2i-repeats", type=int, default=2, help="timed repeats, text-to-image row")
+    parser.add_argument("--no-t2i", action="store_true", help="leave out the latent text-to-image row")
+    parser.add_argument("--only-t2i", action="store_true", help="run the latent text-to-image row alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.samples, args.cifar_rows, args.trak_rows, args.trak_blocks = 16, 8, 2, 2
+    if args.only_t2i:
+        print(json.dumps(t2i_comparison(args)))
+        return
 
     torch.manual_seed(0)
     data = digits_dataset().subset(range(args.samples))
@@ -340,6 +459,8 @@ def main() -> None:
         "dense_seconds": round(dense_s, 2),
     }
     print(json.dumps(result), flush=True)
+    if not args.no_t2i:
+        print(json.dumps(t2i_comparison(args)), flush=True)
     print(json.dumps(projector_comparison(args)))
 
 
