@@ -10,9 +10,12 @@ one walker that names how two records (configs, manifests) differ.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -97,12 +100,20 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
 
 @contextlib.contextmanager
 def publish_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Write a whole folder elsewhere, then publish it at ``target`` with one rename.
+    """Write a whole folder elsewhere, then publish it at ``target`` in one atomic step.
 
-    Yields a fresh temporary sibling of ``target``; when the block finishes without an error, an
-    existing ``target`` is moved aside, the new folder renamed into place and the old one removed.
-    On an error (or a kill) ``target`` keeps its old complete content and the temporary folder is
-    removed (or, after a kill, left as a hidden ``.NAME.tmp-*`` sibling that no reader opens).
+    Yields a fresh temporary sibling of ``target``; when the block finishes without an error it takes
+    the place of ``target``: by one ``rename`` when ``target`` does not exist, else by one atomic
+    exchange of the two folders (Linux ``renameat2(RENAME_EXCHANGE)``), after which the old folder
+    is removed. At every instant ``target`` is the old complete folder or the new complete one; on
+    an error it keeps its old content and the temporary folder is removed; after a kill the
+    temporary folder is left as a hidden ``.NAME.tmp-PID-*`` sibling that no reader opens and the
+    next publish of ``target`` removes.
+
+    Where the exchange is not supported (another OS or file system), the old folder is first renamed
+    to a hidden ``.NAME.old-PID-*`` sibling and the new one renamed into place: two renames, with an
+    instant between them in which ``target`` is absent; the next publish restores an old folder a
+    kill left there.
 
     Raises:
         ConfigError: ``target`` exists and is not a folder, or its parent cannot be written.
@@ -112,6 +123,7 @@ def publish_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise ConfigError(f"--out {target} is an existing file; choose a folder path.")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_siblings(target)
         staging = _temporary_sibling(target)
         staging.mkdir()
     except OSError as error:
@@ -120,16 +132,64 @@ def publish_directory(target: str | os.PathLike) -> Iterator[Path]:
         ) from None
     try:
         yield staging
-        if target.exists():
-            old = _temporary_sibling(target)
+        if not target.exists():
+            os.replace(staging, target)
+        elif _exchange(staging, target):
+            shutil.rmtree(staging, ignore_errors=True)  # it now holds the old folder
+        else:
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.replace(target, old)
             os.replace(staging, target)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step; ``False`` where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clear_stale_siblings(target: Path) -> None:
+    """Remove temporary siblings of ``target`` left by killed writers; restore an old folder a kill
+    left between the two renames of the fallback publish."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}")
+    for sibling in sorted(target.parent.iterdir()) if target.parent.is_dir() else []:
+        match = pattern.fullmatch(sibling.name)
+        if not match or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not target.exists():
+            os.replace(sibling, target)
+        elif sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
