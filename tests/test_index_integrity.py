@@ -363,3 +363,52 @@ def test_retrac_verify_checks_an_index_folder(world, tmp_path, capsys):
     _edit_manifest(moved_store, reseal=True, store={"path": str(tmp_path / "gone"), "fingerprint": "x"})
     report = verify_index(moved_store)
     assert report.whole and any("not checked against the rows" in note for note in report.notes)
+
+
+def test_retrac_query_at_k_equal_n_prints_strict_json_and_warns_how_it_filled(world, tmp_path, capsys):
+    import json
+
+    from retrac.cli import main
+    from retrac.data import ImageDataset
+    from retrac.query.attribution import build_attribution_index
+
+    ivf = tmp_path / "ivf"
+    with pytest.warns(UserWarning):  # faiss' training-size advice is turned into retrac's own warnings
+        build_attribution_index(world["store"], ivf, "retrac", index="IVF2,Flat", progress=False)
+    manifest = json.loads((ivf / "manifest.json").read_text())
+    manifest["search_params"] = {"nprobe": 1, "opponents": {"nprobe": 1}}  # tunable: outside the seal
+    (ivf / "manifest.json").write_text(json.dumps(manifest))
+    ImageDataset(world["queries"], ["q0", "q1"]).save_npz(tmp_path / "queries.npz")
+    answers = {}
+    for name, index in (("ivf", ivf), ("flat", world["root"] / "retrac")):
+        capsys.readouterr()
+        argv = ["query", "--index", str(index), "--images", str(tmp_path / "queries.npz"), "--k", "10"]
+        assert main([*argv, "--json", "--query-events", "fast", "--no-progress"]) == 0
+        captured = capsys.readouterr()
+
+        def no_constants(name):
+            raise AssertionError(f"{name} in the JSON output")
+
+        answers[name] = (json.loads(captured.out, parse_constant=no_constants), captured.err)
+    (document, err), (reference, _) = answers["ivf"], answers["flat"]
+    result = document["results"]["retrac"]
+    assert all(sorted(row) == sorted(f"z{i}" for i in range(10)) for row in result["ids"])
+    np.testing.assert_allclose(
+        result["scores"], reference["results"]["retrac"]["scores"], rtol=1e-5, atol=1e-6
+    )
+    assert "nprobe up to 2" in result["search_note"]
+    assert "retrac query: warning: retrac index: the approximate index found fewer than k=10" in err
+    assert "search_note" not in reference["results"]["retrac"]
+    main(
+        [
+            "query",
+            "--index",
+            str(ivf),
+            "--images",
+            str(tmp_path / "queries.npz"),
+            "--k",
+            "11",
+            "--no-progress",
+        ]
+    )
+    assert "k=11 must lie in [1, 10]" in capsys.readouterr().err

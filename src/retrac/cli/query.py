@@ -74,6 +74,7 @@ def add_query_command(sub) -> None:
 
 def _run_query(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     from retrac.errors import ConfigError
     from retrac.query.attribution import Attributor
@@ -115,8 +116,11 @@ def _run_query(args: argparse.Namespace) -> int:
         )
         for m in methods
     }
+    for method, result in results.items():  # an approximate index that could not fill k by itself
+        if result.search_note:
+            print(f"retrac query: warning: {method} index: {result.search_note}", file=sys.stderr)
     if args.json:  # the retrac.query document (docs/design.md section 10), for one index or several
-        print(json.dumps(query_document(results.values())))
+        print(json.dumps(query_document(results.values()), allow_nan=False))  # strict JSON: never NaN
         return 0
     kind = "opponents" if args.opponents else "proponents"
     for method, result in results.items():

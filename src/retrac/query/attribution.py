@@ -273,6 +273,7 @@ class AttributionResult:
             scores=np.asarray(entry["scores"], dtype=np.float32).reshape(-1, k),
             ids=[list(row) for row in entry["ids"]],
             opponents=entry["opponents"],
+            search_note=entry.get("search_note"),
             query_ids=list(document["query_ids"]),
         )
 

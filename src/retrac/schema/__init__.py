@@ -78,6 +78,8 @@ def query_document(results: Iterable, query_ids: Sequence | None = None) -> dict
             "scores": np.asarray(result.scores, dtype=np.float64).tolist(),
             "ids": [[_plain(i) for i in row] for row in result.ids],
         }
+        if getattr(result, "search_note", None):
+            by_method[result.method]["search_note"] = str(result.search_note)
     return {**header(QUERY_SCHEMA), "score_meaning": SCORE_MEANING, "query_ids": ids, "results": by_method}
 
 

@@ -41,6 +41,11 @@ class MethodResult(_Closed):
     thumbnails: list[list[str]] | None = Field(
         default=None, description="retrac serve only: (n_query, k) URLs of the training images"
     )
+    search_note: str | None = Field(
+        default=None,
+        description="how an approximate index that found fewer than k rows for some queries was filled "
+        "(a wider search, or exact search over its vectors); absent when it was not needed",
+    )
 
     @model_validator(mode="after")
     def _shapes(self) -> MethodResult:

@@ -325,17 +325,17 @@ class AttributionService:
     def _search(self, method: str, queries: np.ndarray, k: int, opponents: bool):
         """Top-``k`` of ``queries`` under ``method``: the search ``Attributor.attribute`` runs."""
         from retrac.query.attribution import AttributionResult
-        from retrac.query.index import search
 
         loaded = self._loaded[method]
-        scores, indices = search(loaded.index, queries, k, opponents=opponents)
+        found = loaded.index.find(queries, k, opponents=opponents)  # never padding: see SearchResult
         ids = self.train.ids
         return AttributionResult(
             method=loaded.method.name,
-            indices=indices,
-            scores=scores,
-            ids=[[ids[i] for i in row] for row in indices.tolist()],
+            indices=found.indices,
+            scores=found.scores,
+            ids=[[ids[i] for i in row] for row in found.indices.tolist()],
             opponents=opponents,
+            search_note=found.note,
         )
 
     async def _run_searches(
