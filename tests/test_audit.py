@@ -18,7 +18,6 @@ from retrac.audit import (
     audit_images,
     check_can_sample,
     load_training_data,
-    pixel_index_dir,
     run_audit,
     self_influence,
 )
@@ -283,7 +282,8 @@ def test_run_audit_outputs(indexed, tmp_path):
         w * (store.features(k)[:, 0].astype(np.float64) ** 2).sum(1) for k, w in enumerate(store.weights)
     )
     np.testing.assert_allclose([expected[r["row"]] for r in ranking], values, rtol=1e-5)
-    assert (pixel_index_dir(indexed["indexes"][0], train) / "manifest.json").is_file()
+    assert (out / "pixel-index" / "manifest.json").is_file() and saved["pixel_index"] == "pixel-index"
+    assert not list(Path(indexed["indexes"][0]).parent.glob("pixel-index*"))  # nothing beside the index
     # the report renders: flagged images first, every referenced PNG exists
     page = (out / "index.html").read_text()
     sources = re.findall(r'src="([^"]+)"', page)

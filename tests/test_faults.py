@@ -339,13 +339,13 @@ def _report_damaged_ids(c: Case) -> list[str]:
 
 def _pixel_cache(damage: Callable[[Path], None]):
     def make(c: Case) -> list[str]:
-        from retrac.audit.pixel_index import PixelIndex, pixel_index_dir
+        from retrac.audit.pixel_index import PixelIndex
 
-        index = c.copy(c.w.index, "idx")
-        cache = pixel_index_dir(index, load_dataset(c.w.train))
-        PixelIndex.load_or_build(cache, load_dataset(c.w.train))
+        # the pixel index of a previous audit into the same --out, reused by a rerun with --overwrite
+        cache = c.tmp / "audit" / "pixel-index"
+        PixelIndex.build(load_dataset(c.w.train)).save(cache)
         damage(cache)
-        return c.audit_cmd("--images", str(c.w.queries), index=index)
+        return c.audit_cmd("--images", str(c.w.queries), "--overwrite")
 
     return make
 
@@ -549,7 +549,7 @@ def test_a_16_bit_grayscale_png_loads_as_one_channel(tmp_path):
     assert np.abs(deep - shallow).max() < 2 / 255 + 1e-6  # the same picture at 8 bits
 
 
-def test_audit_caches_its_pixel_index_elsewhere_when_the_index_folder_is_read_only(
+def test_audit_keeps_its_pixel_index_in_its_folder_and_never_writes_beside_the_index(
     world, tmp_path, monkeypatch
 ):
     from retrac.audit import pixel_index
@@ -564,10 +564,16 @@ def test_audit_caches_its_pixel_index_elsewhere_when_the_index_folder_is_read_on
         return real(path, write)
 
     monkeypatch.setattr(pixel_index, "atomic_write_via", read_only_shelf)
-    monkeypatch.setenv("RETRAC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "audit"
     argv = ["audit", "--index", str(index), "--images", str(world.queries), "--out", str(out)]
-    assert main([*argv, "--query-events", "fast", "--k", "2", "--neighbours", "3", "--no-progress"]) == 0
+    argv += ["--query-events", "fast", "--k", "2", "--neighbours", "3", "--no-progress"]
+    assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert Path(summary["pixel_index"]).parent == tmp_path / "cache"
-    assert not list((tmp_path / "shelf").glob("pixel-index-*/manifest.json"))
+    assert summary["pixel_index"] == "pixel-index" and (out / "pixel-index" / "manifest.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "shelf").iterdir()) == ["retrac"]
+    # a rerun into the same --out (with --overwrite) reuses the pixel index instead of building it
+    monkeypatch.setattr(
+        pixel_index.PixelIndex, "build", classmethod(lambda cls, train: pytest.fail("rebuilt"))
+    )
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "pixel-index" / "manifest.json").is_file()

@@ -35,7 +35,7 @@ Modules, dependencies pointing one way (each imports only those above it; nothin
 
 * ``config``: :class:`AuditConfig` and the meaning of each number;
 * ``metrics``: the relative distance and the verdicts;
-* ``pixel_index``: the exact L2 :class:`PixelIndex` over the distinct training images, cached;
+* ``pixel_index``: the exact L2 :class:`PixelIndex` over the distinct training images, kept in ``OUT/pixel-index/``;
 * ``training``: the store's training data, self-influence, whether the model can sample;
 * ``records``: :func:`audit_images` (one record per image) and :func:`summarize`;
 * ``writers``: :func:`write_audit` (JSONL, JSON and the HTML report of ``retrac.report.audit``);
@@ -52,11 +52,12 @@ from retrac.audit.config import (
 from retrac.audit.metrics import relative_distances, verdicts
 from retrac.audit.pixel_index import (
     PIXEL_INDEX_FILE,
+    PIXEL_INDEX_FOLDER,
     PIXEL_INDEX_FORMAT,
     PIXEL_INDEX_FORMAT_VERSION,
     PIXEL_MANIFEST,
     PixelIndex,
-    pixel_index_dir,
+    audit_pixel_index,
 )
 from retrac.audit.records import AuditResult, audit_images, summarize
 from retrac.audit.run import run_audit
@@ -66,6 +67,7 @@ from retrac.audit.writers import write_audit
 __all__ = [
     "DISTANCE_MEANING",
     "PIXEL_INDEX_FILE",
+    "PIXEL_INDEX_FOLDER",
     "PIXEL_INDEX_FORMAT",
     "PIXEL_INDEX_FORMAT_VERSION",
     "PIXEL_MANIFEST",
@@ -76,9 +78,9 @@ __all__ = [
     "AuditResult",
     "PixelIndex",
     "audit_images",
+    "audit_pixel_index",
     "check_can_sample",
     "load_training_data",
-    "pixel_index_dir",
     "relative_distances",
     "run_audit",
     "self_influence",

@@ -1,4 +1,8 @@
-"""Exact nearest training images in pixel space, over the distinct images, cached beside the index.
+"""Exact nearest training images in pixel space, over the distinct images, kept in the audit folder.
+
+``retrac audit --out OUT`` writes the pixel index to ``OUT/pixel-index/`` (never beside the attribution
+index); a later audit with ``--out OUT --overwrite`` reuses it when it was built from the same training
+data (its manifest is checked), and ``retrac serve --audit OUT`` reads it from there.
 
 Exact duplicates: the neighbourhood of the relative distance is made of distinct images. A training
 image duplicated ``m >= n`` times would otherwise fill all ``n`` neighbour slots with copies at the
@@ -8,9 +12,7 @@ distinct image is reported by its first training row and its number of exact dup
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ PIXEL_INDEX_FORMAT = "retrac-pixel-index"
 PIXEL_INDEX_FORMAT_VERSION = 1
 PIXEL_INDEX_FILE = "pixels.faiss"
 PIXEL_MANIFEST = "manifest.json"
+PIXEL_INDEX_FOLDER = "pixel-index"  # inside the audit folder
 
 
 def _distinct_rows(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,39 +82,55 @@ class PixelIndex:
             StoreMismatchError: the cached manifest names other training data or shapes.
         """
         directory = Path(directory)
+        if (directory / PIXEL_MANIFEST).is_file():
+            return cls.load(directory, train)
+        built = cls.build(train)
+        built.save(directory)
+        return built
+
+    @classmethod
+    def load(cls, directory: str | Path, train: ImageDataset) -> PixelIndex:
+        """The index saved in ``directory``, refused unless it was built from ``train``.
+
+        Raises:
+            StoreMismatchError: the manifest names other training data or shapes.
+            DataError: a missing, unreadable or damaged file.
+        """
+        directory = Path(directory)
         manifest_path = directory / PIXEL_MANIFEST
         expected = cls._manifest(train)
-        if manifest_path.is_file():
-            manifest = read_json(manifest_path, "pixel index manifest", DataError)
-            cached = {key: manifest.get(key) for key in expected}
-            diffs = record_differences(cached, expected, expected_name="cached", actual_name="given")
-            if diffs:
-                raise StoreMismatchError(
-                    f"pixel index {str(directory)!r} was built from other training data ({'; '.join(diffs)}); "
-                    "remove it or give the data it was built from."
-                )
-            try:
-                index = faiss.read_index(str(directory / PIXEL_INDEX_FILE))
-                with np.load(directory / "rows.npz") as rows:
-                    built = cls(train, rows["representatives"], rows["groups"], index)
-            except Exception as exc:  # a truncated or corrupt cache file
-                raise DataError(
-                    f"pixel index cache {str(directory)!r} is damaged ({type(exc).__name__}: "
-                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); remove the folder, "
-                    "the next audit rebuilds it."
-                ) from None
-            if index.ntotal != manifest.get("num_distinct") or index.d != expected["dim"]:
-                raise DataError(
-                    f"{str(directory)!r}: FAISS file does not match its manifest; remove the folder."
-                )
-            return built
-        built = cls.build(train)
-        atomic_write_via(directory / PIXEL_INDEX_FILE, lambda path: faiss.write_index(built.index, path))
-        atomic_save_npz(directory / "rows.npz", representatives=built.representatives, groups=built.groups)
-        manifest = {**expected, "num_distinct": built.num_distinct}
-        # written last: a torn build has no manifest
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        if not manifest_path.is_file():
+            raise DataError(f"{str(directory)!r} holds no pixel index ({PIXEL_MANIFEST} is missing).")
+        manifest = read_json(manifest_path, "pixel index manifest", DataError)
+        cached = {key: manifest.get(key) for key in expected}
+        diffs = record_differences(cached, expected, expected_name="cached", actual_name="given")
+        if diffs:
+            raise StoreMismatchError(
+                f"pixel index {str(directory)!r} was built from other training data ({'; '.join(diffs)}); "
+                "remove it or give the data it was built from."
+            )
+        try:
+            index = faiss.read_index(str(directory / PIXEL_INDEX_FILE))
+            with np.load(directory / "rows.npz") as rows:
+                built = cls(train, rows["representatives"], rows["groups"], index)
+        except Exception as exc:  # a truncated or corrupt cache file
+            raise DataError(
+                f"pixel index cache {str(directory)!r} is damaged ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); remove the folder, "
+                "the next audit rebuilds it."
+            ) from None
+        if index.ntotal != manifest.get("num_distinct") or index.d != expected["dim"]:
+            raise DataError(f"{str(directory)!r}: FAISS file does not match its manifest; remove the folder.")
         return built
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``pixels.faiss``, ``rows.npz`` and, last, ``manifest.json`` (a torn save has no manifest)."""
+        directory = Path(directory)
+        atomic_write_via(directory / PIXEL_INDEX_FILE, lambda path: faiss.write_index(self.index, path))
+        atomic_save_npz(directory / "rows.npz", representatives=self.representatives, groups=self.groups)
+        manifest = {**self._manifest(self.train), "num_distinct": self.num_distinct}
+        atomic_write_text(directory / PIXEL_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        return directory
 
     @staticmethod
     def _manifest(train: ImageDataset) -> dict[str, Any]:
@@ -166,29 +185,11 @@ class PixelIndex:
         return np.take_along_axis(distances, order, 1), np.take_along_axis(rows, order, 1)
 
 
-def pixel_index_dir(index_dir: str | Path, train: ImageDataset) -> Path:
-    """Where the pixel index of ``train`` is cached: beside the attribution index, named by its fingerprint."""
-    return Path(index_dir).resolve().parent / f"pixel-index-{train.fingerprint[:16]}"
-
-
-def pixel_cache_home() -> Path:
-    """The cache folder used when the index's folder cannot be written: ``$RETRAC_CACHE``, else
-    ``$XDG_CACHE_HOME/retrac``, else ``~/.cache/retrac``."""
-    if os.environ.get("RETRAC_CACHE"):
-        return Path(os.environ["RETRAC_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrac"
-
-
-def load_or_build_cached(index_dir: str | Path, train: ImageDataset) -> tuple[PixelIndex, Path]:
-    """:meth:`PixelIndex.load_or_build` beside the attribution index, or in :func:`pixel_cache_home`
-    when that folder cannot be written (a read-only index folder); returns the index and its folder."""
-    beside = pixel_index_dir(index_dir, train)
-    try:
-        return PixelIndex.load_or_build(beside, train), beside
-    except PermissionError:
-        pass
-    except OSError as error:
-        if error.errno != errno.EROFS:
-            raise
-    cached = pixel_cache_home() / beside.name
-    return PixelIndex.load_or_build(cached, train), cached
+def audit_pixel_index(out: str | Path, train: ImageDataset) -> PixelIndex:
+    """The pixel index of an audit into ``out``: ``out/pixel-index/`` of a previous audit there when it was
+    built from ``train`` (checked; a damaged or foreign one is an error naming it), else built anew. The
+    audit writes it into its folder (:func:`retrac.audit.writers.write_audit`)."""
+    previous = Path(out) / PIXEL_INDEX_FOLDER
+    if (previous / PIXEL_MANIFEST).is_file():
+        return PixelIndex.load(previous, train)
+    return PixelIndex.build(train)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from retrac.audit.config import AuditConfig
-from retrac.audit.pixel_index import load_or_build_cached
+from retrac.audit.estimate import attribution_seconds, audit_sampling_steps, describe, sampling_seconds
+from retrac.audit.pixel_index import PIXEL_INDEX_FOLDER, audit_pixel_index
 from retrac.audit.records import audit_images
 from retrac.audit.training import check_can_sample, load_training_data, self_influence
 from retrac.audit.writers import write_audit
@@ -29,6 +30,7 @@ def run_audit(
     query_events=None,
     device: str = DEFAULT_DEVICE,
     progress: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> dict:
     """``retrac audit``: audit given or freshly generated images against an attribution index.
 
@@ -40,9 +42,14 @@ def run_audit(
         images: the images to audit (an :class:`ImageDataset` or a path ``load_dataset`` reads).
         generate: instead of ``images``, sample this many images from the last checkpoint.
         seed: seed of the sampling.
-        sampling_steps: reverse steps of the sampling (default: the scheduler's ``T``).
+        sampling_steps: reverse steps of the sampling (default: ``DEFAULT_AUDIT_SAMPLING_STEPS`` = 100,
+            at most the scheduler's ``T``; diffusers' DDPM pipeline would take all ``T``).
         data: the training data (default: the source the store recorded); must match its fingerprint.
         query_events: :class:`retrac.query.attribution.QueryEvents` of the attribution queries.
+        announce: called with one line estimating the time of sampling and attribution before they run.
+
+    The exact pixel index over the training images is written to ``out/pixel-index/`` (reused from a
+    previous audit into ``out`` built from the same data), never beside the attribution index.
 
     Returns:
         The summary (also in ``summary.json``) with the written paths under ``"files"``.
@@ -63,11 +70,19 @@ def run_audit(
             f"n={config.num_neighbours} nearest neighbours asked for, but the training set has {len(train)} samples; "
             f"use n <= {len(train)}."
         )
-    pixel_index, pixel_dir = load_or_build_cached(dirs[0], train)  # beside the index, else in the cache home
+    pixel_index = audit_pixel_index(out, train)  # goes into out/pixel-index/, never beside the index
     labels = None
     if generate is not None:
         task = attributor.task
         check_can_sample(task)
+        sampling_steps = audit_sampling_steps(sampling_steps, task.num_train_timesteps)
+        if announce is not None:
+            sampling = sampling_seconds(task, generate, sampling_steps)
+            attributing = attribution_seconds(attributor, train.images[0], generate)
+            announce(
+                f"sampling {generate} images x {sampling_steps} steps: about {describe(sampling)}; their query "
+                f"gradients: about {describe(attributing)} (estimates measured here)"
+            )
         generated = generate_images(
             task.model,
             task.scheduler,
@@ -91,12 +106,13 @@ def run_audit(
         self_influences=self_influence(store),
     )
     result.summary["indexes"] = [str(Path(d).resolve()) for d in dirs]
-    result.summary["pixel_index"] = str(pixel_dir)
+    result.summary["pixel_index"] = PIXEL_INDEX_FOLDER  # relative to the audit folder
     result.summary["audited"] = {
         "source": audited.source,
         "generated": generate,
         "seed": seed,
         "steps": sampling_steps,
     }
-    files = write_audit(result, out, train, generated=audited if generate is not None else None)
+    generated_images = audited if generate is not None else None
+    files = write_audit(result, out, train, generated=generated_images, pixel_index=pixel_index)
     return {**result.summary, "files": files}

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from retrac._io import atomic_write_text, publish_directory
+from retrac.audit.pixel_index import PIXEL_INDEX_FOLDER
 from retrac.audit.records import AuditResult
 from retrac.audit.training import self_influence_ranking
 from retrac.data import ImageDataset
@@ -23,6 +24,7 @@ def write_audit(
     train: ImageDataset,
     title: str = "retrac audit",
     generated: ImageDataset | None = None,
+    pixel_index=None,
 ) -> dict:
     """Write ``audit.jsonl``, ``self_influence.jsonl`` (when computed), ``index.html`` and, last,
     ``summary.json``: the ``retrac.audit`` document with every written file under ``files``.
@@ -33,6 +35,7 @@ def write_audit(
         train: the training data (thumbnails, self-influence ids).
         title: the page title.
         generated: images sampled for the audit, saved as ``generated.npz``.
+        pixel_index: the audit's :class:`~retrac.audit.pixel_index.PixelIndex`, saved in ``pixel-index/``.
 
     Returns:
         The written paths (under ``out``) by name.
@@ -49,6 +52,8 @@ def write_audit(
             atomic_write_text(
                 staging / names["self_influence"], "".join(json.dumps(r) + "\n" for r in ranking)
             )
+        if pixel_index is not None:
+            pixel_index.save(staging / PIXEL_INDEX_FOLDER)
         page = write_audit_report(staging, result, train, title)
         names["report"] = str(Path(page).relative_to(staging))
         files = {k: str(out / v) for k, v in names.items()}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from retrac.audit import AuditConfig
+from retrac.audit.estimate import DEFAULT_AUDIT_SAMPLING_STEPS
 from retrac.cli.options import (
     QUERY_PRESETS_HELP,
     add_compute_options,
@@ -27,7 +29,8 @@ def add_audit_command(sub) -> None:
         description="For every image: its nearest training images (exact L2), the relative distance "
         "r = d1 / mean distance to the n nearest (Carlini et al. 2023), a verdict (copy / near / novel), and "
         "its top-k proponents under each index. Across images: hot spots and the self-influence ranking. "
-        "Writes OUT/audit.jsonl, OUT/summary.json, OUT/self_influence.jsonl and OUT/index.html.",
+        "Writes OUT/audit.jsonl, OUT/summary.json, OUT/self_influence.jsonl, OUT/index.html and the exact pixel "
+        "index OUT/pixel-index/ (reused by a later audit into OUT with --overwrite; read by retrac serve --audit OUT).",
     )
     p.add_argument(
         "--index",
@@ -56,7 +59,8 @@ def add_audit_command(sub) -> None:
         "--sampling-steps",
         type=int,
         default=None,
-        help="reverse steps of --generate (default: the scheduler's T)",
+        help=f"reverse steps of --generate (default: {DEFAULT_AUDIT_SAMPLING_STEPS}, at most the scheduler's T; "
+        "the time it will take is printed first)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
@@ -134,6 +138,7 @@ def _run_audit(args: argparse.Namespace) -> int:
         query_events=QueryEvents.preset(args.query_events),
         device=args.device,
         progress=not args.no_progress,
+        announce=lambda line: print(f"retrac audit: {line}", file=sys.stderr, flush=True),
     )
     if args.json:  # the retrac.audit document, as OUT/summary.json holds it
         print(json.dumps(summary))

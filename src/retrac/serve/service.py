@@ -613,7 +613,7 @@ def _load_audit(audit: str | Path | None, train: ImageDataset):
             raise ConfigError(
                 f"{str(summary_path)!r} names no pixel index; give the pixel index folder itself."
             )
-        folder = Path(summary["pixel_index"])
+        folder = summary_path.parent / summary["pixel_index"]  # relative to the audit folder (or absolute)
     manifest_path = folder / PIXEL_MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if manifest.get("format") != PIXEL_INDEX_FORMAT:
