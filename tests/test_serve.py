@@ -372,20 +372,20 @@ def test_audit_without_a_pixel_index_is_409(service):
 def test_audit_option_reads_an_audit_folder_and_refuses_others(service, tmp_path):
     from retrac.audit import PixelIndex
     from retrac.errors import ConfigError
-    from retrac.serve.service import _load_audit
+    from retrac.serve.loading import load_audit
 
     folder = tmp_path / "pixels"
     PixelIndex.load_or_build(folder, service.train)  # what `retrac audit` caches
-    loaded, config, source = _load_audit(folder, service.train)
+    loaded, config, source = load_audit(folder, service.train)
     assert loaded.num_distinct == service.pixel_index.num_distinct and source == str(folder.resolve())
     audit_out = tmp_path / "audit"
     audit_out.mkdir()
     summary = {"pixel_index": str(folder), "thresholds": {"copy": 0.1, "near": 0.3}, "num_neighbours": 20}
     (audit_out / "summary.json").write_text(json.dumps(summary))
-    _, config, _ = _load_audit(audit_out, service.train)
+    _, config, _ = load_audit(audit_out, service.train)
     assert (config.copy_threshold, config.near_threshold, config.num_neighbours) == (0.1, 0.3, 20)
     with pytest.raises(ConfigError, match="neither"):
-        _load_audit(tmp_path / "empty", service.train)
+        load_audit(tmp_path / "empty", service.train)
 
 
 # ---------------------------------------------------------------------------------- live server

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -31,13 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from retrac.data import ImageDataset, load_dataset
+from retrac.data import ImageDataset
 from retrac.errors import ConfigError, DataError
 from retrac.schema import query_document
 from retrac.serve.batcher import BatchTiming, QueryBatcher
 from retrac.serve.config import ServeConfig
+from retrac.serve.loading import load_audit, load_examples
 
-AUDIT_IN_MEMORY = "memory"
 INFLUENCED_SHOWN = 10
 SCORE_MEANING = "I(z, z') = sum_k w_k <u_k(z), q_k(z')>; positive = proponent, negative = opponent"
 
@@ -198,8 +197,8 @@ class AttributionService:
             progress=False,
         )
         train = load_training_data(attributor.feature_store, data, attributor.training_data_path)
-        pixel_index, audit_config, audit_source = _load_audit(audit, train)
-        picked = _load_examples(examples, config.max_examples, attributor.task)
+        pixel_index, audit_config, audit_source = load_audit(audit, train)
+        picked = load_examples(examples, config.max_examples, attributor.task)
         return cls(attributor, train, config, pixel_index, audit_config, picked, dirs, audit_source)
 
     async def start(self) -> None:
@@ -587,56 +586,3 @@ class AttributionService:
             "cached_queries": len(self._cache),
             "remembered_queries": len(self._history),
         }
-
-
-# ---------------------------------------------------------------------------------- helpers
-def _load_audit(audit: str | Path | None, train: ImageDataset):
-    """``(pixel_index, audit_config, source)`` for ``--audit``; nothing is built on disk."""
-    from retrac.audit import PIXEL_INDEX_FORMAT, PIXEL_MANIFEST, AuditConfig, PixelIndex
-
-    if audit is None:
-        return None, AuditConfig(), None
-    if str(audit) == AUDIT_IN_MEMORY:
-        return PixelIndex.build(train), AuditConfig(), AUDIT_IN_MEMORY
-    folder = Path(audit)
-    config = AuditConfig()
-    summary_path = folder / "summary.json"
-    if summary_path.is_file():  # a `retrac audit` output: its pixel index and thresholds
-        summary = json.loads(summary_path.read_text())
-        thresholds = summary.get("thresholds", {})
-        config = AuditConfig(
-            num_neighbours=int(summary.get("num_neighbours", config.num_neighbours)),
-            copy_threshold=float(thresholds.get("copy", config.copy_threshold)),
-            near_threshold=float(thresholds.get("near", config.near_threshold)),
-        )
-        if not summary.get("pixel_index"):
-            raise ConfigError(
-                f"{str(summary_path)!r} names no pixel index; give the pixel index folder itself."
-            )
-        folder = summary_path.parent / summary["pixel_index"]  # relative to the audit folder (or absolute)
-    manifest_path = folder / PIXEL_MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    if manifest.get("format") != PIXEL_INDEX_FORMAT:
-        raise ConfigError(
-            f"--audit {str(audit)!r} is neither a `retrac audit` output folder nor a pixel index folder; give one, "
-            "or --audit memory to build the pixel index in memory."
-        )
-    return PixelIndex.load_or_build(folder, train), config, str(folder.resolve())
-
-
-def _load_examples(paths: Sequence[str | Path], limit: int, task) -> ImageDataset | None:
-    """The first ``limit`` images of each file, ids ``<file stem>/<id>``, checked against the model."""
-    parts = []
-    for path in paths:
-        data = load_dataset(path)
-        data = data.subset(range(min(limit, len(data))))
-        task.check_images(data.images, f"examples {str(path)!r}")
-        if task.is_class_conditional and data.labels is None:
-            raise DataError(f"examples {str(path)!r} carry no labels, and the model is class-conditional.")
-        parts.append(data)
-    if not parts:
-        return None
-    stems = [Path(p).stem for p in paths]
-    ids = [f"{stem}/{i}" for stem, part in zip(stems, parts, strict=True) for i in part.ids]
-    labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])
-    return ImageDataset(torch.cat([p.images for p in parts]), ids, labels, source="examples")
