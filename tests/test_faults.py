@@ -32,6 +32,7 @@ from retrac.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    IndexDamagedError,
     RetracError,
     StoreDamagedError,
     StoreMismatchError,
@@ -382,6 +383,74 @@ def _other_settings(c: Case) -> list[str]:
     return cmd
 
 
+def _manifest_edit(reseal: bool, **changes):
+    """Edit the index manifest's entries; ``reseal`` also recomputes its seal (a deliberate forgery)."""
+
+    def damage(index: Path) -> None:
+        from retrac.query.index import manifest_seal
+
+        manifest = json.loads((index / "manifest.json").read_text())
+        manifest.update(changes)
+        if reseal:
+            manifest["seal"] = manifest_seal(manifest)
+        (index / "manifest.json").write_text(json.dumps(manifest))
+
+    return damage
+
+
+def _store_entry_edit(**changes):
+    def damage(index: Path) -> None:
+        manifest = json.loads((index / "manifest.json").read_text())
+        manifest["store"].update(changes)
+        (index / "manifest.json").write_text(json.dumps(manifest))
+
+    return damage
+
+
+def _scale_first_vector(index: Path) -> None:
+    import faiss
+
+    row = faiss.read_index(str(index / "index.faiss")).reconstruct(0).astype(np.float32)
+    data = (index / "index.faiss").read_bytes()
+    (index / "index.faiss").write_bytes(data.replace(row.tobytes(), (row * 50).tobytes(), 1))  # same size
+
+
+def _built(c: Case, method: str, name: str) -> Path:
+    from retrac.query.attribution import build_attribution_index
+
+    build_attribution_index(c.w.store, c.tmp / name, method, progress=False)
+    return c.tmp / name
+
+
+def _other_builds_index_file(c: Case) -> list[str]:
+    index = c.copy(c.w.index, "idx")
+    shutil.copy(_built(c, "tracin", "tracin") / "index.faiss", index / "index.faiss")  # same size
+    return c.query_cmd(index)
+
+
+def _kernel_damage(damage: Callable[[Path], None]):
+    def make(c: Case) -> list[str]:
+        index = _built(c, "trak", "trak")
+        damage(index)
+        return c.query_cmd(index)
+
+    return make
+
+
+def _kernel_rewritten(index: Path) -> None:
+    with np.load(index / "kernel.npz") as arrays:
+        changed = {name: arrays[name] for name in arrays.files}
+    changed["preconditioners"] = changed["preconditioners"] * 2
+    with open(index / "kernel.npz", "wb") as handle:
+        np.savez(handle, **changed)
+
+
+def _stray_kernel(c: Case) -> list[str]:
+    index = c.copy(c.w.index, "idx")
+    shutil.copy(_built(c, "trak", "trak") / "kernel.npz", index / "kernel.npz")
+    return c.query_cmd(index)
+
+
 ROWS = [
     # ---- retrac index: checkpoints
     Row("index-checkpoint-missing", lambda c: c.index_cmd(c.tmp / "nope"), CheckpointError, "does not exist"),
@@ -398,7 +467,7 @@ ROWS = [
     Row("index-scheduler-unknown-class", _ckpt_with("scheduler/scheduler_config.json", '{"_class_name": "Nope"}'), CheckpointError, "not a diffusers scheduler"),
     Row("index-scheduler-bad-schedule", _ckpt_with("scheduler/scheduler_config.json", '{"_class_name": "DDPMScheduler", "beta_schedule": "wobbly"}'), CheckpointError, "cannot be loaded"),
     Row("index-scheduler-missing", _ckpt_with("scheduler/scheduler_config.json", None), CheckpointError, "no scheduler_config.json"),
-    Row("index-unet-config-corrupt", _ckpt_with("unet/config.json", "{{"), CheckpointError, "cannot be read"),
+    Row("index-unet-config-corrupt", _ckpt_with("unet/config.json", "{{"), CheckpointError, "cannot be read|not valid JSON"),
     Row("index-weights-misfit-config", _unet_config_misfit, CheckpointError, "does not fit its model config"),
     Row("index-weights-truncated", _truncated_weights, CheckpointError, "corrupt or truncated", fault=True),
     Row("index-second-checkpoint-other-scheduler", _second_checkpoint_other_scheduler, CheckpointError, "another scheduler .*beta_end"),
@@ -462,16 +531,33 @@ ROWS = [
     Row("query-scheduler-prediction-type-edited", _shared_scheduler_edit(prediction_type="v_prediction"), StoreMismatchError, "prediction_type: recorded 'epsilon'", fault=True),
     Row("query-scheduler-betas-edited", _shared_scheduler_edit(beta_start=0.001, beta_end=0.05), StoreMismatchError, "beta_end: recorded 0.02, now 0.05; beta_start", fault=True),
     Row("query-scheduler-corrupt-json", lambda c: (c.edit(c.w.ckpt / "scheduler/scheduler_config.json", "{"), c.query_cmd())[1], CheckpointError, "not valid JSON", fault=True),
-    Row("query-weights-changed", _changed_weights, StoreMismatchError, "weights changed since indexing", fault=True),
+    Row("query-weights-changed", _changed_weights, StoreMismatchError, "weights changed since", fault=True),
     Row("query-device-bogus", lambda c: c.query_cmd(None, "--device", "bogus"), ConfigError, "not a torch device"),
     Row("query-threads-zero", lambda c: c.query_cmd(None, "--threads", "0"), ConfigError, "at least 1"),
     Row("query-images-missing", lambda c: c.query_cmd(images=c.tmp / "none.npy"), DataError, "does not exist"),
     Row("query-images-zero-sized", lambda c: c.query_cmd(images=c.npy(np.zeros((2, 0, 0), np.uint8))), DataError, "zero-sized axis"),
     Row("query-images-wrong-size", lambda c: c.query_cmd(images=c.npy(np.zeros((2, 16, 16), np.uint8))), DataError, "model takes"),
     Row("query-k-zero", lambda c: c.query_cmd(None, "--k", "0"), ConfigError, "k=0"),
+    # ---- retrac query: a tampered or damaged index (docs/design.md section 6)
+    Row("query-manifest-method-relabelled", _index_copy_with(_manifest_edit(False, method={"name": "tracin", "vectors": "tracin", "kernel_c": None})), IndexDamagedError, "edited after the index was built", fault=True),
+    Row("query-manifest-relabel-resealed", _index_copy_with(_manifest_edit(True, method={"name": "tracin", "vectors": "tracin", "kernel_c": None})), IndexDamagedError, "rows hold retrac vectors.*names method 'tracin'", fault=True),
+    Row("query-manifest-kernel-added-resealed", _index_copy_with(_manifest_edit(True, method={"name": "retrac+kernel", "vectors": "retrac", "kernel_c": 0.1})), IndexDamagedError, "holds no kernel.npz", fault=True),
+    Row("query-manifest-digests-removed", _index_copy_with(_manifest_edit(False, digests={})), IndexDamagedError, "edited after the index was built", fault=True),
+    Row("query-manifest-store-fingerprint-edited", _index_copy_with(_store_entry_edit(fingerprint="0" * 64)), StoreMismatchError, "store.fingerprint", fault=True),
+    Row("query-manifest-store-path-removed", _index_copy_with(_manifest_edit(False, store={"fingerprint": "0" * 64})), DataError, "not an attribution index manifest", fault=True),
+    Row("query-manifest-old-format", _index_copy_with(_manifest_edit(False, format_version=1)), StoreMismatchError, "version 1; this retrac reads .* version 2.*retrac build"),
+    Row("query-index-vector-scaled", _index_copy_with(_scale_first_vector), IndexDamagedError, "index.faiss has sha256 .*retrac build --store", fault=True),
+    Row("query-index-file-of-another-build", _other_builds_index_file, IndexDamagedError, "index.faiss has sha256", fault=True),
+    Row("query-index-file-deleted", _index_copy_with(lambda i: (i / "index.faiss").unlink()), IndexDamagedError, "index.faiss is missing", fault=True),
+    Row("query-kernel-deleted", _kernel_damage(lambda i: (i / "kernel.npz").unlink()), IndexDamagedError, "kernel.npz is missing", fault=True),
+    Row("query-kernel-rewritten", _kernel_damage(_kernel_rewritten), IndexDamagedError, "kernel.npz has (sha256|.* bytes)", fault=True),
+    Row("query-kernel-stray-file", _stray_kernel, IndexDamagedError, "not part of this index's build record", fault=True),
+    Row("query-index-folder-empty", lambda c: c.query_cmd((c.tmp / "empty", (c.tmp / "empty").mkdir())[0]), DataError, "no manifest.json"),
+    Row("query-k-above-n", lambda c: c.query_cmd(None, "--k", str(N + 1)), ConfigError, rf"k={N + 1} must lie in \[1, {N}\]"),
+    Row("query-k-negative", lambda c: c.query_cmd(None, "--k", "-3"), ConfigError, "k=-3"),
     # ---- retrac report
     Row("report-data-same-ids-other-pixels", _report_other_pixels, DataError, "same ids but other pixels"),
-    Row("report-data-other-ids", _report_other_ids, DataError, "other ids"),
+    Row("report-data-other-ids", _report_other_ids, DataError, "other ids|the ids differ"),
     Row("report-store-ids-damaged", _report_damaged_ids, StoreDamagedError, "ids", fault=True),
     Row("report-out-is-file", _out_is_file("report"), ConfigError, "existing file"),
     Row("report-threads-zero", lambda c: c.report_cmd("--threads", "0"), ConfigError, "at least 1"),

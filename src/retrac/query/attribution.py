@@ -619,7 +619,8 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
             f"{str(directory)!r} holds no manifest.json: not a retrac index; build one with `retrac build`."
         )
     manifest = read_json(path, "index manifest", DataError)
-    if not isinstance(manifest, dict) or "method" not in manifest or "store" not in manifest:
+    store = manifest.get("store") if isinstance(manifest, dict) else None
+    if "method" not in manifest or not isinstance(store, dict) or not isinstance(store.get("path"), str):
         raise DataError(
             f"{str(path)!r} is not an attribution index manifest (no method / store); build it with `retrac build`."
         )
