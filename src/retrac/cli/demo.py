@@ -47,6 +47,12 @@ def add_demo_command(sub) -> None:
         default=DemoConfig.duplicate_copies,
         help="copies per duplicated digit (default: %(default)s)",
     )
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="the text-conditioned demo: captioned digits, a tiny UNet2DConditionModel and CLIP text encoder, "
+        "queries by prompt and by sampling step (retrac.demo_text)",
+    )
     add_compute_options(p, device_help="torch device of training, gradients and sampling")
     add_overwrite(p)
     p.set_defaults(func=_run_demo)
@@ -54,6 +60,11 @@ def add_demo_command(sub) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from retrac.demo import run_demo
+
+    if args.text:
+        from retrac.cli.text_demo import run_text_demo_command
+
+        return run_text_demo_command(args)
 
     config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     overrides = {
