@@ -160,3 +160,32 @@ def test_a_lora_run_through_the_cli(pipeline_run, tmp_path, capsys):
     assert main([*query, "--no-progress"]) == 0
     (result,) = json.loads(capsys.readouterr().out.splitlines()[-1])["results"].values()
     assert len(result["indices"]) == 4  # the training folder's captions are the prompts
+
+
+def test_audit_generates_from_prompts_and_attributes_under_them(pipeline_run, tmp_path, capsys):
+    root, _, train, index = pipeline_run
+    common = ["--index", str(index), "--k", "2", "--neighbours", "2", "--no-progress", "--threads", "1"]
+    args = ["audit", *common, "--generate", "3", "--prompt", "a red square", "--prompt", "a blue circle"]
+    assert main([*args, "--sampling-steps", "5", "--out", str(tmp_path / "gen"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_images"] == 3
+    generated = np.load(tmp_path / "gen" / "generated.npz")["images"]
+    assert generated.shape == (3, 3, 16, 16) and np.abs(generated).max() <= 1  # decoded by the VAE
+    # given images are attributed under their own captions (metadata.jsonl), or one prompt for all
+    assert main(["audit", *common, "--images", str(train), "--out", str(tmp_path / "given"), "--json"]) == 0
+    by_captions = json.loads(capsys.readouterr().out)
+    assert by_captions["num_images"] == 4
+    args = [
+        "audit",
+        *common,
+        "--images",
+        str(train),
+        "--prompt",
+        "x",
+        "--prompt",
+        "y",
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    assert main(args) == 2
+    assert "2 prompts for 4 images" in capsys.readouterr().err

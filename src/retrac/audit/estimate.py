@@ -31,16 +31,14 @@ def _seconds(call) -> float:
 
 def sampling_seconds(task, num_images: int, steps: int) -> float:
     """Estimated seconds to draw ``num_images`` with ``steps`` reverse steps (one batched forward pass timed)."""
-    model = task.model
-    config = model.config
-    size = config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
     batch = min(num_images, SAMPLING_BATCH)
-    device = next(model.parameters()).device
-    x = torch.zeros((batch, config.in_channels, h, w), device=device)
+    device = task.device
+    x = torch.zeros((batch, *task.sample_shape), device=device)  # latents for a latent model
     t = torch.full((batch,), task.num_train_timesteps // 2, device=device, dtype=torch.long)
+    # a text model's forward pass takes encoder_hidden_states; their length hardly changes its cost
+    cond = torch.zeros((batch, 1, task.spec.context_dim), device=device) if task.is_text_conditional else None
     with torch.no_grad():
-        one = _seconds(lambda: model(x, t))
+        one = _seconds(lambda: task.model_output(x, t, cond))
     return one * steps * math.ceil(num_images / batch)
 
 
@@ -49,7 +47,10 @@ def attribution_seconds(attributor, image: torch.Tensor, num_images: int) -> flo
     progress, attributor.progress = attributor.progress, False
     try:
         started = time.perf_counter()
-        attributor.query_features(image[None])  # one call: its warm-up makes the estimate a little high
+        prompts = "" if attributor.task.is_text_conditional else None  # a text model's query takes a prompt
+        attributor.query_features(
+            image[None], prompts=prompts
+        )  # one call: its warm-up makes it a little high
         one = time.perf_counter() - started
     finally:
         attributor.progress = progress

@@ -54,6 +54,7 @@ def audit_images(
     image_ids: Sequence[str] | None = None,
     class_labels: Tensor | None = None,
     self_influences: np.ndarray | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> AuditResult:
     """Audit images against the training set (pixel neighbours) and, given an attributor, its indexes.
 
@@ -66,6 +67,7 @@ def audit_images(
         image_ids: one name per image (default ``image-NNNN``).
         class_labels: ``(n,)`` labels for a class-conditional model.
         self_influences: ``(N,)`` ``SI(z)`` (see :func:`self_influence`) to rank in the summary.
+        prompts: for a text model, one prompt per image (its attribution queries are conditioned on it).
 
     Returns:
         An :class:`AuditResult`. Each record has: ``image``, ``id``, ``verdict``,
@@ -98,7 +100,8 @@ def audit_images(
             )
         k = min(config.k, len(train))
         results = {
-            m: attributor.attribute(images, k, m, class_labels=class_labels) for m in attributor.methods
+            m: attributor.attribute(images, k, m, class_labels=class_labels, prompts=prompts)
+            for m in attributor.methods
         }
     groups = pixel_index.groups
     records = []

@@ -31,6 +31,7 @@ def run_audit(
     device: str = DEFAULT_DEVICE,
     progress: bool = True,
     announce: Callable[[str], None] | None = None,
+    prompts: Sequence[str] | str | None = None,
 ) -> dict:
     """``retrac audit``: audit given or freshly generated images against an attribution index.
 
@@ -47,6 +48,9 @@ def run_audit(
         data: the training data (default: the source the store recorded); must match its fingerprint.
         query_events: :class:`retrac.query.attribution.QueryEvents` of the attribution queries.
         announce: called with one line estimating the time of sampling and attribution before they run.
+        prompts: for a text model, the prompts: with ``generate``, the images are sampled from them
+            (cycled over the ``generate`` images, decoded by the VAE of a latent model) and attributed
+            under them; with ``images``, one per image or one for all (default: the images' captions).
 
     The exact pixel index over the training images is written to ``out/pixel-index/`` (reused from a
     previous audit into ``out`` built from the same data), never beside the attribution index.
@@ -83,19 +87,27 @@ def run_audit(
                 f"sampling {generate} images x {sampling_steps} steps: about {describe(sampling)}; their query "
                 f"gradients: about {describe(attributing)} (estimates measured here)"
             )
-        generated = generate_images(
-            task.model,
-            task.scheduler,
-            generate,
-            seed=seed,
-            num_inference_steps=sampling_steps,
-            progress=progress,
-        )
+        prompts = _prompts_for(task, prompts, generate, None, cycle=True)
+        if prompts is not None or task.is_latent:  # retrac.query.steps' sampler: text and latent models
+            from retrac.query.steps import generate_samples
+
+            states = None if prompts is None else task.encode_prompts(prompts, "--prompt")
+            generated = generate_samples(task, generate, states, seed, sampling_steps, progress=progress)
+        else:
+            generated = generate_images(
+                task.model,
+                task.scheduler,
+                generate,
+                seed=seed,
+                num_inference_steps=sampling_steps,
+                progress=progress,
+            )
         audited = ImageDataset(generated, [f"generated-{i:04d}" for i in range(generate)], source="generated")
     else:
         audited = images if isinstance(images, ImageDataset) else load_dataset(images)
         attributor.task.check_images(audited.images, f"images {audited.source!r}")
         labels = audited.labels if attributor.task.is_class_conditional else None
+        prompts = _prompts_for(attributor.task, prompts, len(audited), audited.captions, cycle=False)
     result = audit_images(
         audited.images,
         pixel_index,
@@ -104,6 +116,7 @@ def run_audit(
         audited.ids,
         class_labels=labels,
         self_influences=self_influence(store),
+        prompts=prompts,
     )
     result.summary["indexes"] = [str(Path(d).resolve()) for d in dirs]
     result.summary["pixel_index"] = PIXEL_INDEX_FOLDER  # relative to the audit folder
@@ -116,3 +129,22 @@ def run_audit(
     generated_images = audited if generate is not None else None
     files = write_audit(result, out, train, generated=generated_images, pixel_index=pixel_index)
     return {**result.summary, "files": files}
+
+
+def _prompts_for(task, prompts, count: int, captions, cycle: bool) -> list[str] | None:
+    """A text model's prompts for ``count`` images: one for all, one per image, or (``cycle``, generated
+    images) cycled; else ``captions``; ``None`` for a model without text (where a prompt is refused)."""
+    if not task.is_text_conditional:
+        if prompts:
+            raise ConfigError("--prompt was given, but the model is not text-conditioned; leave it out.")
+        return None
+    if not prompts:
+        if captions is None:
+            raise ConfigError(
+                "the model is text-conditioned: give --prompt (the images are sampled / attributed under it)."
+            )
+        return list(captions)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not cycle and len(prompts) not in (1, count):
+        raise ConfigError(f"{len(prompts)} prompts for {count} images; give one for all or one per image.")
+    return [prompts[i % len(prompts)] for i in range(count)]

@@ -56,6 +56,14 @@ def add_audit_command(sub) -> None:
         help="seed of --generate (default: %(default)s)",
     )
     p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="a text model's prompt (repeatable): --generate samples from the prompts in turn; with --images, "
+        "one for all or one per image (default: the images' metadata.jsonl captions)",
+    )
+    p.add_argument(
         "--sampling-steps",
         type=int,
         default=None,
@@ -139,6 +147,7 @@ def _run_audit(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         announce=lambda line: print(f"retrac audit: {line}", file=sys.stderr, flush=True),
+        prompts=args.prompt,
     )
     if args.json:  # the retrac.audit document, as OUT/summary.json holds it
         print(json.dumps(summary))

@@ -37,6 +37,7 @@ __all__ = [
     "StepEvents",
     "Trajectory",
     "attribute_steps",
+    "generate_samples",
     "parse_steps",
     "sample_trajectory",
 ]
@@ -177,14 +178,37 @@ def sample_trajectory(
             recorded[t] = (x.float().cpu(), predicted_clean(task, x, t, output).float().cpu())
         x = scheduler.step(output, t, x, generator=generator).prev_sample
     final = x.float().cpu() if task.is_latent else x.clamp(-1, 1).float().cpu()
+    empty = torch.empty((0, *final.shape))
     return Trajectory(
         requested=requested,
         timesteps=snapped,
-        latents=torch.stack([recorded[t][0] for t in snapped]),
-        predicted=torch.stack([recorded[t][1] for t in snapped]),
+        latents=torch.stack([recorded[t][0] for t in snapped]) if snapped else empty,
+        predicted=torch.stack([recorded[t][1] for t in snapped]) if snapped else empty,
         final=final,
         seed=int(seed),
     )
+
+
+def generate_samples(
+    task: DiffusionTask,
+    num_images: int,
+    conditioning: Tensor | None = None,
+    seed: int = 0,
+    num_inference_steps: int = DEFAULT_SAMPLING_STEPS,
+    guidance_scale: float = 1.0,
+    unconditional: Tensor | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """``num_images`` samples as pixels ``(n, C, H, W)`` in ``[-1, 1]`` (a latent model's decoded by its VAE).
+
+    The sampler of :func:`sample_trajectory` (same seed, same draws), recording no step.
+    """
+    trajectory = sample_trajectory(
+        task, [], num_images, conditioning, seed, num_inference_steps, guidance_scale, unconditional, progress
+    )
+    if not task.is_latent:
+        return trajectory.final
+    return task.latent_encoder.to(task.device).decode(trajectory.final)
 
 
 def attribute_steps(
