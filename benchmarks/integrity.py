@@ -12,10 +12,23 @@ exactly as ``retrac index`` writes one, or uses ``--store PATH`` (e.g. the demo'
 Prints one JSON object with the times and the ratios ``verified_over_unverified_read`` and
 ``verify_over_build``.
 
+With ``--index-rows N`` it measures instead what the index's digest check costs at load: a Flat
+index of ``N`` random float32 rows of ``--index-dim`` dimensions is saved with ``save_index`` (the
+manifest records the sha256 of ``index.faiss``), then, from the page cache, best of three each:
+
+* ``read_index_s``: ``faiss.read_index`` (what loading costs without the check);
+* ``sha256_s``: ``retrac._io.file_sha256`` of ``index.faiss`` (the check, streamed);
+* ``load_index_s``: ``retrac.query.index.load_index`` (seal, digest, read);
+* ``read_index_mmap_s``: ``faiss.read_index`` memory-mapped (``load_index(mmap=True)`` still hashes
+  the whole file first).
+
+and prints one JSON object with ``sha256_over_read_index`` and ``load_index_over_read_index``.
+
 Usage::
 
     python benchmarks/integrity.py                       # 20,000 x 4 x 256 x 2 checkpoints (~160 MB)
     python benchmarks/integrity.py --store retrac-demo/store
+    python benchmarks/integrity.py --index-rows 1000000  # 10^6 x 256 float32 Flat index (~1 GB)
 """
 
 from __future__ import annotations
@@ -84,6 +97,48 @@ def stream(store, verify: bool) -> None:
             pass
 
 
+def best_of(count: int, fn) -> float:
+    return min(timed(fn) for _ in range(count))
+
+
+def index_load(rows: int, dim: int, block_rows: int = 65536) -> dict:
+    """The digest check of ``load_index`` against ``faiss.read_index``, on a Flat index of ``rows`` rows."""
+    import faiss
+
+    from retrac._io import file_sha256
+    from retrac.query.index import INDEX_FILENAME, SearchIndex, load_index, save_index
+
+    rng = np.random.default_rng(0)
+    flat = faiss.IndexFlatIP(dim)
+    for start in range(0, rows, block_rows):
+        flat.add(rng.standard_normal((min(block_rows, rows - start), dim), dtype=np.float32))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "index"
+        built = SearchIndex(flat, "flat", "Flat", dim)
+        save_s = timed(lambda: save_index(built, folder))
+        path = str(folder / INDEX_FILENAME)
+        file_sha256(path)  # warm the page cache: every timing below reads from memory
+        read = best_of(3, lambda: faiss.read_index(path))
+        digest = best_of(3, lambda: file_sha256(path))
+        load = best_of(3, lambda: load_index(folder, device="cpu"))
+        mapped = best_of(3, lambda: faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY))
+        size = Path(path).stat().st_size
+    return {
+        "benchmark": "integrity-index-load",
+        "rows": rows,
+        "dim": dim,
+        "index_mb": round(size / 2**20, 1),
+        "save_index_s": round(save_s, 3),
+        "read_index_s": round(read, 3),
+        "sha256_s": round(digest, 3),
+        "load_index_s": round(load, 3),
+        "read_index_mmap_s": round(mapped, 4),
+        "sha256_mb_per_s": round(size / 2**20 / digest, 1),
+        "sha256_over_read_index": round(digest / read, 3),
+        "load_index_over_read_index": round(load / read, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=None, help="an existing store (default: a synthetic one)")
@@ -92,7 +147,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--checkpoints", type=int, default=2)
     parser.add_argument("--shard-rows", type=int, default=1024)
+    parser.add_argument(
+        "--index-rows", type=int, default=None, help="measure the index digest check at load instead"
+    )
+    parser.add_argument("--index-dim", type=int, default=256)
     args = parser.parse_args()
+    if args.index_rows:
+        print(json.dumps(index_load(args.index_rows, args.index_dim)))
+        return
 
     from retrac.indexer import FeatureStore
     from retrac.query.attribution import build_attribution_index
