@@ -189,3 +189,32 @@ def test_audit_generates_from_prompts_and_attributes_under_them(pipeline_run, tm
     ]
     assert main(args) == 2
     assert "2 prompts for 4 images" in capsys.readouterr().err
+
+
+def test_report_measures_a_text_model_under_the_captions(pipeline_run, tmp_path, capsys):
+    from retrac.bias import measure_bias
+    from retrac.data import load_dataset
+
+    root, _, train, index = pipeline_run
+    args = [
+        "report",
+        "--index",
+        str(index),
+        "--images",
+        str(train),
+        "--k",
+        "2",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    assert main([*args, "--out", str(tmp_path / "by-captions"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schema"] == "retrac.report"
+    assert main([*args, "--out", str(tmp_path / "one"), "--prompt", "a green cross"]) == 0
+    assert (tmp_path / "one" / "bias.json").is_file()
+    # the measurement takes the prompts: the captions and one prompt for all give other scores
+    images = load_dataset(train)
+    attributor = Attributor(index, progress=False)
+    by_captions = measure_bias(attributor, images.images, 2, prompts=images.captions).results["retrac"]
+    one_prompt = measure_bias(attributor, images.images, 2, prompts="a green cross").results["retrac"]
+    assert not np.allclose(by_captions.scores, one_prompt.scores)

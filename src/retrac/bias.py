@@ -372,8 +372,12 @@ def _vector_kind(method: str) -> str:
     return "retrac" if method.startswith("retrac") else "tracin"
 
 
-def score_matrix(attributor, images, method: str, class_labels=None, block_rows: int = 4096) -> np.ndarray:
+def score_matrix(
+    attributor, images, method: str, class_labels=None, block_rows: int = 4096, prompts=None
+) -> np.ndarray:
     """Exact scores ``I(z, z') = <U(z), Q(z')>`` of every training sample for every query.
+
+    ``prompts`` condition a text model's queries (one per image, or one ``str`` for all).
 
     Streams the store's train vectors in blocks, so the result ``(n_query, N)`` float32 is the only
     large array; positive = proponent, as in :class:`~retrac.query.attribution.AttributionResult`.
@@ -382,7 +386,7 @@ def score_matrix(attributor, images, method: str, class_labels=None, block_rows:
     from retrac.query.vectors import Method
 
     store = attributor.feature_store
-    queries = attributor.query_vectors(images, method, class_labels).astype(np.float32)
+    queries = attributor.query_vectors(images, method, class_labels, prompts).astype(np.float32)
     kind = Method(_vector_kind(method), _vector_kind(method))
     blocks = [queries @ block.T for block in train_vector_blocks(store, kind, block_rows)]
     return np.concatenate(blocks, axis=1)
@@ -438,6 +442,7 @@ def measure_bias(
     min_queries: int = DEFAULT_MIN_QUERIES,
     num_bins: int = DEFAULT_BINS,
     class_labels=None,
+    prompts=None,
 ) -> BiasMeasurement:
     """Run every measurement for the queries ``images`` against the attributor's indexes.
 
@@ -450,6 +455,8 @@ def measure_bias(
         query_is_outlier: ``(n_query,)`` marks queries left out of the outlier share.
         fraction, min_queries: the generally-influential threshold (:func:`general_threshold`).
         num_bins: timestep bins of the norm profiles.
+        class_labels: ``(n_query,)`` labels for a class-conditional model.
+        prompts: for a text model, one prompt per query (or one ``str`` for all).
     """
     store = attributor.feature_store
     methods = list(methods or attributor.methods)
@@ -460,11 +467,11 @@ def measure_bias(
     norms, timesteps = sample_event_norms(store), sample_event_timesteps(store)
     results, topk, by_norm, by_timestep = {}, {}, {}, {}
     for method in methods:
-        results[method] = attributor.attribute(images, k, method, class_labels=class_labels)
+        results[method] = attributor.attribute(images, k, method, class_labels=class_labels, prompts=prompts)
         topk[method] = topk_bias(
             results[method].indices, store.num_samples, outlier_rows, query_is_outlier, fraction, min_queries
         )
-        scores = score_matrix(attributor, images, method, class_labels)
+        scores = score_matrix(attributor, images, method, class_labels, prompts=prompts)
         by_norm[method] = influence_spearman(scores, norms)
         by_timestep[method] = influence_spearman(scores, timesteps)
     per_checkpoint = [p.spearman for p in profiles if not math.isnan(p.spearman)]

@@ -13,7 +13,7 @@ from retrac.cli.options import (
     load_query_images,
     query_events,
 )
-from retrac.cli.steps import add_prompt_options, run_step_query
+from retrac.cli.steps import add_prompt_options, query_prompts, run_step_query
 from retrac.query.attribution import DEFAULT_TOP_K
 
 
@@ -99,9 +99,7 @@ def _run_query(args: argparse.Namespace) -> int:
     labels = images.labels if attributor.task.is_class_conditional else None
     methods = [args.method] if args.method else attributor.methods
     query_ids = typed_ids(images.ids, images.source)
-    prompts = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
-    if prompts is None and images.captions is not None and attributor.task.is_text_conditional:
-        prompts = images.captions  # the query folder's metadata.jsonl
+    prompts = query_prompts(args.prompt, images, attributor.task)  # --prompt, else metadata.jsonl captions
     results = {
         m: attributor.attribute(
             images.images,

@@ -17,6 +17,7 @@ from retrac.cli.options import (
     load_query_images,
     query_events,
 )
+from retrac.cli.steps import add_prompt_option, query_prompts
 from retrac.query.attribution import DEFAULT_TOP_K
 from retrac.report.bias import DEFAULT_TITLE
 
@@ -44,6 +45,7 @@ def add_report_command(sub) -> None:
         help="query images: an image file, a folder of images, .npy or .npz",
     )
     add_data_options(p)
+    add_prompt_option(p)
     add_location_overrides(p)
     p.add_argument(
         "--data",
@@ -119,6 +121,7 @@ def _run_report(args: argparse.Namespace) -> int:
         )
     outliers = load_outlier_ids(args.outliers) if args.outliers else []
     labels = images.labels if attributor.task.is_class_conditional else None
+    prompts = query_prompts(args.prompt, images, attributor.task)
     measurement = measure_bias(
         attributor,
         images.images,
@@ -126,6 +129,7 @@ def _run_report(args: argparse.Namespace) -> int:
         outlier_ids=outliers,
         fraction=args.fraction,
         class_labels=labels,
+        prompts=prompts,
     )
     out = Path(args.out)
     queries = list(zip([str(i) for i in images.ids], images.images, strict=True))

@@ -70,6 +70,29 @@ def add_prompt_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prompt_option(p: argparse.ArgumentParser) -> None:
+    """``--prompt`` alone (``report``): a text model's query prompts."""
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="a text model's query prompt (repeatable: one per query image, or one for all; default: the "
+        "images' metadata.jsonl captions)",
+    )
+
+
+def query_prompts(given: list[str] | None, images, task) -> list[str] | str | None:
+    """The prompts of query ``images`` for ``task``: ``--prompt`` (one for all, or one per image), else the
+    images' captions for a text model; ``None`` for a model without text (a given prompt is then refused
+    by the attributor, naming the model)."""
+    if given:
+        return given[0] if len(given) == 1 else list(given)
+    if task.is_text_conditional and images.captions is not None:
+        return images.captions
+    return None
+
+
 def run_step_query(args: argparse.Namespace) -> int:
     """Sample, attribute each requested step, print one top-k list per step (or one retrac.query document)."""
     import json
