@@ -19,6 +19,8 @@ def test_text_demo_runs_every_stage_and_its_index_answers_prompts(tmp_path, caps
     assert set(shares["steps"]["retrac"]) == {"900", "500", "100"}
     assert all(0 <= v <= 1 for v in shares["own_caption"].values())
     assert summary["train"].endswith("train.npz") and summary["config"]["max_train"] == 128
+    assert sum(summary["audit"]["verdict_counts"].values()) == 2
+    assert (out / "audit" / "summary.json").is_file() and (out / "report" / "bias.html").is_file()
     # the demo's index answers the CLI as a user would ask it
     query = ["query", "--index", summary["indexes"][1], "--prompt", caption_of(7), "--k", "3", "--json"]
     assert main([*query, "--query-steps", "900,100", "--sampling-steps", "10", "--no-progress"]) == 0

@@ -4,8 +4,10 @@ The digits get captions ("a handwritten seven"); a tiny ``UNet2DConditionModel``
 8x8, cross-attention over a tiny frozen ``CLIPTextModel`` with a character-level ``CLIPTokenizer``,
 all built from configs: nothing is downloaded) is trained on them; then the pipeline runs as a user
 would run it on a Stable Diffusion fine-tune: ``retrac index`` of the training set with its
-captions, ``retrac build`` of TracIn and ReTrac indexes, queries by prompt, and step-specific
-queries of generated samples (:mod:`retrac.query.steps`).
+captions, ``retrac build`` of TracIn and ReTrac indexes, queries by prompt, step-specific
+queries of generated samples (:mod:`retrac.query.steps`), a memorization audit of samples
+generated from prompts (``retrac audit --prompt``) and the timestep-bias report of the held-out
+queries under their captions (``retrac report``).
 
 What it shows: the share of each query's top-k proponents whose caption names the query's digit,
 for held-out digits queried with their own caption, for the same images queried with another
@@ -17,6 +19,8 @@ Layout written::
     out/text_encoder/, out/tokenizer/           the frozen text encoder and its tokenizer
     out/checkpoints/checkpoint-STEP/            unet/, scheduler/, retrac_checkpoint.json
     out/store/, out/index-tracin/, out/index-retrac/
+    out/audit/                                  retrac audit of generated samples (index.html, summary.json)
+    out/report/                                 retrac report of the held-out queries (bias.html, bias.json)
     out/text-demo.json                          config, paths, timings and the shares above
 """
 
@@ -65,6 +69,7 @@ class TextDemoConfig:
         query_steps: steps of the generated samples' trajectories that are attributed.
         sampling_steps: reverse steps of the sampler.
         top_k: proponents per query.
+        num_audited: samples generated from the ten captions in turn and audited.
         max_train: train on the first this many training digits only (``None``: all of them).
     """
 
@@ -80,6 +85,7 @@ class TextDemoConfig:
     query_steps: tuple[int, ...] = (900, 500, 100)
     sampling_steps: int = 50
     top_k: int = 10
+    num_audited: int = 10
     max_train: int | None = None
 
     def __post_init__(self) -> None:
@@ -99,6 +105,7 @@ class TextDemoConfig:
             num_queries=4,
             sampling_steps=10,
             top_k=5,
+            num_audited=2,
             num_checkpoints=1,
             max_train=128,
         )
@@ -304,6 +311,10 @@ def run_text_demo(
             str(t): _caption_share(r, train.captions, prompts) for t, r in per_step.items()
         }
     query_seconds = round(time.perf_counter() - clock, 2)
+
+    clock = time.perf_counter()
+    audit, report = _audit_and_report(attributor, config, out, train, queries, train_path, device, progress)
+    audit_seconds = round(time.perf_counter() - clock, 2)
     summary = {
         "config": asdict(config),
         "train": str(train_path),
@@ -314,10 +325,51 @@ def run_text_demo(
         "final_loss": final_loss,
         "top_k_caption_share": shares,
         "chance": round(float(np.mean([train.captions.count(c) / len(train) for c in own])), 3),
+        "audit": audit,
+        "report": report,
         "train_seconds": train_seconds,
+        "audit_report_seconds": audit_seconds,
         "index_seconds": index_seconds,
         "query_seconds": query_seconds,
         "total_seconds": round(time.perf_counter() - started, 2),
     }
     atomic_write_text(out / "text-demo.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _audit_and_report(
+    attributor, config, out: Path, train, queries, train_path, device, progress
+) -> tuple[dict, dict]:
+    """``retrac audit`` of samples generated from the captions, ``retrac report`` of the held-out queries."""
+    from retrac.audit import run_audit
+    from retrac.audit.config import AuditConfig
+    from retrac.bias import measure_bias
+    from retrac.report.bias import write_bias_report
+
+    prompts = [caption_of(d) for d in range(10)]
+    audit = run_audit(
+        [out / "index-tracin", out / "index-retrac"],
+        out / "audit",
+        generate=config.num_audited,
+        seed=config.seed,
+        sampling_steps=config.sampling_steps,
+        data=train_path,
+        config=AuditConfig(k=min(config.top_k, len(train))),
+        query_events=attributor.query_events,
+        device=device,
+        progress=progress,
+        prompts=prompts,
+    )
+    measurement = measure_bias(attributor, queries.images, config.top_k, prompts=queries.captions)
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    page = write_bias_report(report, measurement, list(zip(queries.ids, queries.images, strict=True)), train)
+    atomic_write_text(report / "bias.json", json.dumps(measurement.to_dict(), indent=2))
+    return (
+        {
+            "folder": str(out / "audit"),
+            "verdict_counts": audit["verdict_counts"],
+            "copy_rate": audit["copy_rate"],
+        },
+        {"page": str(page), "norm_timestep_spearman": measurement.to_dict()["norm_timestep_spearman"]},
+    )

@@ -43,6 +43,10 @@ def run_text_demo_command(args: argparse.Namespace) -> int:
             f"digit's caption {other['share_naming_the_image_digit']} (naming the prompt's digit: "
             f"{other['share_naming_the_prompt_digit']}); generated samples per step {steps}"
         )
+    audit = summary["audit"]
+    counts = ", ".join(f"{v} {c}" for v, c in audit["verdict_counts"].items())
+    print(f"audit of samples generated from the captions: {counts} -> {audit['folder']}")
+    print(f"timestep-bias report of the held-out queries: {summary['report']['page']}")
     print(f"summary: {out / 'text-demo.json'} ({summary['total_seconds']} s in all)")
     print(
         f'try: retrac query --index {summary["indexes"][1]} --prompt "a handwritten seven" '
