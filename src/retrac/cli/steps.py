@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from retrac.query.attribution import INPUT_SPACES
+from retrac.query.inputs import INPUT_SPACES
 from retrac.query.steps import DEFAULT_SAMPLING_STEPS
 
 

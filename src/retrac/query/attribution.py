@@ -27,6 +27,7 @@ from retrac.indexer.rows import train_vector_rows
 from retrac.projection import projected_gradients
 from retrac.query.index import SearchIndex, build_index, load_index, save_index
 from retrac.query.index.rerank import rerank as rerank_candidates
+from retrac.query.inputs import query_inputs
 from retrac.query.provenance import KERNEL_FILENAME, Kernel, derive_method, kernel_arrays
 from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors
 from retrac.relocate import displaced_path, recorded_path, relative_record
@@ -37,11 +38,7 @@ QUERY_PRESETS = {"default": (10, 2), "fast": (4, 1), "paper": (100, 16)}  # name
 DEFAULT_QUERY_PRESET = "default"
 DEFAULT_TOP_K = 10
 DEFAULT_INDEX_KIND = "auto"  # see retrac.query.index.auto_factory
-DEFAULT_SEARCH_DEVICE = "auto"
-INPUT_SPACES = (
-    "pixels",
-    "latents",
-)  # what query images are: pixels, or a latent model's scaled latents  # faiss: all GPUs when faiss-gpu sees one, else the CPU
+DEFAULT_SEARCH_DEVICE = "auto"  # faiss: all GPUs when faiss-gpu sees one, else the CPU
 
 
 @dataclass(frozen=True)
@@ -451,7 +448,7 @@ class Attributor:
         ).hexdigest()
         if key == self._cache_key and self._cache is not None:
             return self._cache
-        images, states = self._query_inputs(images, prompts, input_space)  # x: pixels or VAE latent means
+        images, states = query_inputs(self._tasks[0], images, prompts, input_space)  # pixels or VAE latents
         conditioning = states if states is not None else class_labels
         ev = self.query_events
         n, t_q, m = images.shape[0], ev.num_timesteps, ev.num_noise
@@ -483,36 +480,6 @@ class Attributor:
         bar.close()
         self._cache_key, self._cache = key, out
         return out
-
-    def _query_inputs(
-        self, images: Tensor, prompts: Sequence[str] | str | None, input_space: str
-    ) -> tuple[Tensor, Tensor | None]:
-        """Clean samples ``x`` (pixels, or latents: encoded to the distribution mean, or given) and the
-        ``encoder_hidden_states`` of the prompts for a text model (``None`` otherwise)."""
-        task = self._tasks[0]
-        if input_space not in INPUT_SPACES:
-            raise ConfigError(
-                f"input_space={input_space!r} is unknown; choose one of {', '.join(INPUT_SPACES)}."
-            )
-        if input_space == "latents":
-            if not task.is_latent:
-                raise ConfigError("input_space='latents' needs a latent model (one with a VAE); give pixels.")
-            task.check_samples(images, "query latents")
-            samples = images
-        else:
-            samples = task.encode_images(images, "query images")  # pixels checked; latents for a latent model
-        if prompts is None:
-            if task.is_text_conditional:
-                raise DataError(
-                    f"the {task.spec.model_class} is text-conditioned; give the queries' prompts (--prompt)."
-                )
-            return samples, None
-        prompts = [prompts] * images.shape[0] if isinstance(prompts, str) else list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise DataError(
-                f"got {len(prompts)} prompts for {images.shape[0]} query images; give one per image."
-            )
-        return samples, task.encode_prompts(prompts, "query prompts").cpu()
 
     def query_vectors(
         self,
