@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retrac._io import atomic_save_npz, atomic_write_text
+from retrac._io import atomic_save_npz, atomic_write_text, publish_directory
 from retrac.checkpoints import save_checkpoint
 from retrac.data import ImageDataset
 from retrac.errors import ConfigError
@@ -388,10 +388,13 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device:
         f"Queries: {len(heldout)} held-out digits and {len(generated)} digits sampled from the last checkpoint.</p>"
         '<p><a href="bias.html">The timestep-induced bias: gradient norm vs timestep, TracIn vs ReTrac</a></p>'
     )
-    report = write_attribution_report(
-        out / "report", list(zip(captions, queries, strict=True)), results, train, "retrac demo", intro
-    )
-    timings["bias"] = _write_bias_page(attributor, queries, captions, train, out, config)
+    # the report folder appears whole, or the old one stays (section 7 of docs/design.md)
+    with publish_directory(out / "report") as staging:
+        page = write_attribution_report(
+            staging, list(zip(captions, queries, strict=True)), results, train, "retrac demo", intro
+        )
+        report = out / "report" / Path(page).relative_to(staging)
+        timings["bias"] = _write_bias_page(attributor, queries, captions, train, out, staging, config)
     summary.update(
         {
             "store": str(store.path),
@@ -409,8 +412,10 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device:
     return summary
 
 
-def _write_bias_page(attributor, queries, captions, train, out: Path, config: DemoConfig) -> float:
-    """``out/report/bias.html`` (and ``bias.json``) for the demo's queries; returns the seconds it took."""
+def _write_bias_page(
+    attributor, queries, captions, train, out: Path, report_dir: Path, config: DemoConfig
+) -> float:
+    """``report_dir/bias.html`` (and ``bias.json``) for the demo's queries; returns the seconds it took."""
     from retrac.bias import measure_bias
     from retrac.report.bias import write_bias_report
 
@@ -418,8 +423,6 @@ def _write_bias_page(attributor, queries, captions, train, out: Path, config: De
     planted = json.loads((out / "planted.json").read_text())["outliers"]
     measurement = measure_bias(attributor, queries, config.top_k, outlier_ids=planted)
     intro = '<p><a href="index.html">Back to the attribution report</a></p>'
-    write_bias_report(
-        out / "report", measurement, list(zip(captions, queries, strict=True)), train, intro=intro
-    )
-    atomic_write_text(out / "report" / "bias.json", json.dumps(measurement.to_dict(), indent=2))
+    write_bias_report(report_dir, measurement, list(zip(captions, queries, strict=True)), train, intro=intro)
+    atomic_write_text(report_dir / "bias.json", json.dumps(measurement.to_dict(), indent=2))
     return round(time.perf_counter() - started, 2)
