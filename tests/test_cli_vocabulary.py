@@ -51,6 +51,14 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"retrac {retrac.__version__}"
 
 
+def test_python_dash_m_retrac():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "retrac", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"retrac {retrac.__version__}"
+
+
 @pytest.fixture(scope="module")
 def demo_queries(quick_demo, tmp_path_factory):
     path = tmp_path_factory.mktemp("queries") / "queries.npz"
