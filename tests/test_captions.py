@@ -66,3 +66,25 @@ def test_another_caption_column(tmp_path):
     assert load_dataset(folder, caption_column="prompt").captions == ["zero"]
     with pytest.raises(DataError, match="no string 'text' caption"):
         load_dataset(folder)
+
+
+def test_a_datasets_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    table = datasets.Dataset.from_dict(
+        {
+            "image": [Image.fromarray(p) for p in pixels],
+            "text": ["one", "two", "three"],
+            "label": [0, 1, 0],
+            "id": ["a", "b", "c"],
+        }
+    ).cast_column("label", datasets.ClassLabel(names=["x", "y"]))
+    table.save_to_disk(str(tmp_path / "saved"))
+    data = load_dataset(tmp_path / "saved")
+    assert data.ids == ["a", "b", "c"] and data.captions == ["one", "two", "three"]
+    assert data.labels.tolist() == [0, 1, 0]
+    torch.testing.assert_close(data.images, torch.from_numpy(pixels / 127.5 - 1).float().permute(0, 3, 1, 2))
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match="DatasetDict with splits \\['train'\\]; give one split's folder"):
+        load_dataset(tmp_path / "dict")

@@ -11,6 +11,9 @@ Sources:
 * a folder of class subfolders ``folder/CLASS/*.png`` (torchvision's ``ImageFolder``): the label of
   an image is the index of its class in the sorted class names (``classes``, recorded in the store);
   ids are ``CLASS/file name``.
+* a ``datasets`` dataset saved with ``save_to_disk`` (``state.json`` + ``dataset_info.json``): its
+  ``Image`` column, the caption column (``text``) when present, a ``ClassLabel`` column as labels
+  and an ``id`` column as ids (else row numbers). Needs the ``datasets`` package.
 
 Labels may also come from a separate file (``labels=``, ``retrac index --labels FILE``): ``.npy``
 ``(N,)`` integers, ``.txt`` one integer a line, or ``.json`` (a list, or ``{id: label}``), in the
@@ -482,6 +485,8 @@ def _load(path: Path, caption_column: str, pixel_range) -> ImageDataset:
     if not path.exists():
         raise DataError(f"data path {str(path)!r} does not exist.")
     if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _load_saved_dataset(path, caption_column, pixel_range)
         return _load_folder(path, caption_column, pixel_range)
     source = str(path)
     try:
@@ -528,3 +533,46 @@ def _load(path: Path, caption_column: str, pixel_range) -> ImageDataset:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return _read_image_files([path], source, pixel_range)
     raise DataError(f"data path {source!r} is not a .npy, .npz, image file or folder of images.")
+
+
+def _load_saved_dataset(path: Path, caption_column: str = CAPTION_COLUMN, pixel_range=None) -> ImageDataset:
+    """A ``datasets`` dataset saved with ``save_to_disk``: images, captions, class labels and ids.
+
+    Raises:
+        DataError: ``datasets`` not installed, a ``DatasetDict`` (give one split's folder), no image
+            column, images of different sizes, unreadable files.
+    """
+    source = str(path)
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file()) or ["train"]
+        raise DataError(
+            f"{source!r} holds a DatasetDict with splits {splits}; give one split's folder, e.g. {source}/{splits[0]}."
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{source!r} is a datasets dataset saved to disk; install the datasets package to read it "
+            "(pip install datasets)."
+        ) from None
+    try:
+        table = datasets.load_from_disk(source)
+    except Exception as exc:
+        raise DataError(f"datasets folder {source!r} cannot be read ({type(exc).__name__}: {exc}).") from exc
+    features = table.features
+    columns = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    if not columns:
+        raise DataError(
+            f"{source!r} has no Image column (columns: {list(features)}); give a dataset of images."
+        )
+    arrays = [_pixels(image) for image in table[columns[0]]]
+    if len({a.shape for a in arrays}) != 1:
+        raise DataError(f"images in {source!r} have different sizes; resize them to one size.")
+    if len({a.dtype for a in arrays}) > 1:  # 8-bit and 16-bit images in one dataset: scale each
+        arrays = [images_from_array(a[None], source, pixel_range)[0].numpy() for a in arrays]
+    ids = [str(i) for i in table["id"]] if "id" in features else [str(i) for i in range(len(arrays))]
+    classes = [name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
+    labels = torch.as_tensor(table[classes[0]], dtype=torch.int64) if classes else None
+    captions = list(table[caption_column]) if caption_column in features else None
+    images = images_from_array(np.stack(arrays), source, pixel_range)
+    return ImageDataset(images, ids, labels, source=source, captions=captions)
