@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import make_scheduler, make_tiny_unet
@@ -218,3 +219,45 @@ def test_report_measures_a_text_model_under_the_captions(pipeline_run, tmp_path,
     by_captions = measure_bias(attributor, images.images, 2, prompts=images.captions).results["retrac"]
     one_prompt = measure_bias(attributor, images.images, 2, prompts="a green cross").results["retrac"]
     assert not np.allclose(by_captions.scores, one_prompt.scores)
+
+
+def test_a_class_conditional_dit_pipeline_with_a_vae(tmp_path, capsys):
+    from diffusers import DDIMScheduler
+
+    from retrac.data import ImageDataset
+    from t2i_models import make_dit
+
+    folder = tmp_path / "dit"
+    folder.mkdir()
+    make_dit().save_pretrained(str(folder / "transformer"))
+    make_vae().save_pretrained(str(folder / "vae"))
+    DDIMScheduler(num_train_timesteps=100).save_pretrained(str(folder / "scheduler"))
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    data = ImageDataset(
+        torch.from_numpy(images / 127.5 - 1).float().permute(0, 3, 1, 2),
+        [f"x{i}" for i in range(6)],
+        torch.tensor([0, 1, 2, 0, 1, 2]),
+        source="dit",
+    )
+    data.save_npz(tmp_path / "train.npz")
+    args = [
+        "index",
+        "--checkpoint",
+        str(folder),
+        "--data",
+        str(tmp_path / "train.npz"),
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    assert main([*args, "--events", "uniform:1", "--dim", "16", "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "latent model: AutoencoderKL" in out and "not covered" in out  # the class-embedding tables
+    assert main(["build", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "i"), "--no-progress"]) == 0
+    capsys.readouterr()
+    query = ["query", "--index", str(tmp_path / "i"), "--images", str(tmp_path / "train.npz"), "--k", "2"]
+    assert main([*query, "--json", "--no-progress"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"].values()
+    assert len(result["indices"]) == 6
+    assert main([*query, "--prompt", "a cat", "--no-progress"]) == 2
+    assert "not text-conditioned" in capsys.readouterr().err
