@@ -531,7 +531,7 @@ ROWS = [
     Row("query-scheduler-prediction-type-edited", _shared_scheduler_edit(prediction_type="v_prediction"), StoreMismatchError, "prediction_type: recorded 'epsilon'", fault=True),
     Row("query-scheduler-betas-edited", _shared_scheduler_edit(beta_start=0.001, beta_end=0.05), StoreMismatchError, "beta_end: recorded 0.02, now 0.05; beta_start", fault=True),
     Row("query-scheduler-corrupt-json", lambda c: (c.edit(c.w.ckpt / "scheduler/scheduler_config.json", "{"), c.query_cmd())[1], CheckpointError, "not valid JSON", fault=True),
-    Row("query-weights-changed", _changed_weights, StoreMismatchError, "weights changed since", fault=True),
+    Row("query-weights-changed", _changed_weights, StoreMismatchError, "not the checkpoint that was indexed", fault=True),
     Row("query-device-bogus", lambda c: c.query_cmd(None, "--device", "bogus"), ConfigError, "not a torch device"),
     Row("query-threads-zero", lambda c: c.query_cmd(None, "--threads", "0"), ConfigError, "at least 1"),
     Row("query-images-missing", lambda c: c.query_cmd(images=c.tmp / "none.npy"), DataError, "does not exist"),

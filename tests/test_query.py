@@ -266,6 +266,6 @@ def test_changed_checkpoint_weights_are_refused(setup, tmp_path):
     attrs_file.write_text(json.dumps(attrs))
     build_attribution_index(store_copy, tmp_path / "index", "tracin", index="flat", progress=False)
     save_checkpoint(make_tiny_unet(seed=99), make_scheduler(), moved)  # overwrite the weights
-    with pytest.raises(StoreMismatchError, match="weights changed since indexing"):
+    with pytest.raises(StoreMismatchError, match="not the checkpoint that was indexed"):
         Attributor(tmp_path / "index", progress=False)
     assert FeatureStore.open(store_copy).checkpoints[0].path == str(moved)
