@@ -216,7 +216,7 @@ def write_store(store_path: Path, n: int, dim: int) -> dict:
     }
 
 
-def build_phase(store_path: Path, index_path: Path, max_memory: int) -> dict:
+def build_phase(store_path: Path, index_path: Path, max_memory: int, kind: str = "auto") -> dict:
     from retrac.query.attribution import build_attribution_index
 
     start = time.perf_counter()
@@ -312,7 +312,7 @@ def run_phase(phase: str, args: argparse.Namespace) -> dict:
         log(f"reusing {saved}: {json.dumps(result)}")
         return result
     command = [sys.executable, __file__, "--phase", phase, "--n", str(args.n), "--dim", str(args.dim)]
-    command += ["--work", str(args.work), "--max-memory", str(args.max_memory)]
+    command += ["--work", str(args.work), "--max-memory", str(args.max_memory), "--kind", args.kind]
     done = subprocess.run(command, capture_output=True, text=True)
     sys.stderr.write(done.stderr)
     if done.returncode:
@@ -332,6 +332,7 @@ def main() -> None:
         "--dim", type=int, default=256, help="dimension d of the rows (>= 256: real features)"
     )
     parser.add_argument("--max-memory", default="512M", help="the build's --max-memory")
+    parser.add_argument("--kind", default="auto", help="the build's --kind (default: auto)")
     parser.add_argument(
         "--work", type=Path, default=Path("/tmp/retrac-scale"), help="folder for stores and indexes"
     )
@@ -348,7 +349,7 @@ def main() -> None:
     if args.phase:  # a child: one phase, one JSON line
         phases = {
             "write": lambda: write_store(store_path, args.n, args.dim),
-            "build": lambda: build_phase(store_path, index_path, budget),
+            "build": lambda: build_phase(store_path, index_path, budget, args.kind),
             "exact": lambda: exact_phase(store_path, work, args.dim),
             "query": lambda: query_phase(index_path, work, args.dim),
             "rerank": lambda: rerank_phase(store_path, index_path, work, args.dim),
