@@ -215,10 +215,11 @@ def test_a_compact_store_refuses_per_event_uses(world, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore")  # a 2-list IVF over 10 rows: faiss warns about the tiny training set
-def test_attributor_rerank_gives_exact_scores_from_the_store(world, tmp_path):
+@pytest.mark.parametrize("kind", ["IVF2,SQ8", "HNSW8,SQ8"])
+def test_attributor_rerank_gives_exact_scores_from_the_store(world, tmp_path, kind):
     store = world["local"]
     flat_scores, flat_rows = attribute(world, store, tmp_path / "flat")
-    build_attribution_index(store, tmp_path / "sq8", "retrac", index="IVF2,SQ8", progress=False)
+    build_attribution_index(store, tmp_path / "sq8", "retrac", index=kind, progress=False)
     attributor = Attributor(tmp_path / "sq8", store=store.url, query_events=QueryEvents(2, 1), progress=False)
     reranked = attributor.attribute(world["queries"], k=4, rerank=N)  # every row a candidate
     np.testing.assert_array_equal(reranked.indices, flat_rows)
