@@ -20,7 +20,7 @@ from conftest import make_scheduler, make_tiny_unet
 from retrac.checkpoints import resolve_checkpoint, save_checkpoint
 from retrac.cli import main
 from retrac.data import ImageDataset
-from retrac.errors import CompactStoreError, DataError
+from retrac.errors import CompactStoreError, DataError, GradientError
 from retrac.indexer import FeatureStore, IndexConfig, featurize_dataset
 from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
 
@@ -224,3 +224,13 @@ def test_attributor_rerank_gives_exact_scores_from_the_store(world, tmp_path, ki
     reranked = attributor.attribute(world["queries"], k=4, rerank=N)  # every row a candidate
     np.testing.assert_array_equal(reranked.indices, flat_rows)
     np.testing.assert_allclose(reranked.scores, flat_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_train_vectors_name_a_sample_with_a_zero_norm(world, monkeypatch):
+    store = FeatureStore.open(world["local"].path)
+    block = store.read_shard(0, 1)  # rows 4-7
+    block.norms[1, 0] = 0.0
+    monkeypatch.setattr(store, "blocks", lambda k, block_rows=None: iter([block]))
+    with pytest.raises(GradientError, match="'z5'"):  # the ids are read only for this message
+        list(store.vector_blocks(0, "retrac"))
+    assert len(list(store.vector_blocks(0, "tracin"))) == 1  # TracIn needs no norm

@@ -48,7 +48,14 @@ import numpy as np
 
 from retrac._io import atomic_write_text, record_differences
 from retrac.checkpoints import Checkpoint
-from retrac.errors import CompactStoreError, ConfigError, DataError, StoreDamagedError, StoreMismatchError
+from retrac.errors import (
+    CompactStoreError,
+    ConfigError,
+    DataError,
+    GradientError,
+    StoreDamagedError,
+    StoreMismatchError,
+)
 from retrac.indexer.block import FeatureBlock
 from retrac.indexer.config import IndexConfig
 from retrac.indexer.create import create_local, create_remote
@@ -444,11 +451,15 @@ class FeatureStore:
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Stream ``(start, u_k)`` blocks of checkpoint ``k``: ``u_k`` is ``(n, d)`` float32, unweighted.
 
-        Digest-checked as :meth:`blocks` is; works on full and compact stores alike.
+        Digest-checked as :meth:`blocks` is; works on full and compact stores alike. The ids are read
+        only to name a sample in an error, so memory does not grow with ``N``.
         """
-        ids = self.ids
         for block in self.blocks(k, block_rows):
-            yield block.start, block.train_vectors(kind, ids[block.start : block.stop])
+            try:
+                vectors = block.train_vectors(kind)
+            except GradientError:  # again, naming the sample
+                vectors = block.train_vectors(kind, self.ids[block.start : block.stop])
+            yield block.start, vectors
 
     def norms(self, k: int, rows: slice = slice(None)) -> np.ndarray:
         """``n_k`` of rows ``rows``: ``(n, S)`` float32 (exact or projected: see ``norm_kind``)."""
