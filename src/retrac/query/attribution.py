@@ -370,27 +370,22 @@ class Attributor:
                 "checkpoint, in training order; checked by sha256)."
             )
         record = self._store.attrs["task"]
-        moved = lambda recorded: displaced_path(recorded, self._recorded_store_path, self._store.url)  # noqa: E731
+        # VAE, text encoder, LoRA base: as recorded, moved with the store; each checked by sha256
         parts = recorded_parts(
-            record, moved
-        )  # VAE, text encoder, LoRA base: as recorded, moved with the store
-        model, lora = load_indexed_denoiser(path, ckpt, parts, record)  # sha256 checked (adapter and base)
-        if self._frozen is None:
-            self._frozen = load_recorded_frozen(record, parts)  # checked by sha256 against the record
+            record, lambda p: displaced_path(p, self._recorded_store_path, self._store.url)
+        )
+        model, lora = load_indexed_denoiser(path, ckpt, parts, record)
+        self._frozen = self._frozen or load_recorded_frozen(record, parts)  # shared by the checkpoints
         cfg = self._store.config
         if record.get("scheduler_class"):  # --scheduler at indexing: rebuilt from the store's record
             scheduler = scheduler_from_record(record["scheduler_class"], ckpt.scheduler)
         else:
             scheduler = load_scheduler(scheduler_source(path, parts))
         check_scheduler(ckpt, scheduler)  # the scheduler recorded at indexing (prediction type, betas, T)
+        include, exclude = list(cfg.include) or None, list(cfg.exclude) or None
+        vae, text_encoder = self._frozen
         task = DiffusionTask(
-            model.to(self.device),
-            scheduler,
-            cfg.objective,
-            list(cfg.include) or None,
-            list(cfg.exclude) or None,
-            vae=self._frozen[0],
-            text_encoder=self._frozen[1],
+            model.to(self.device), scheduler, cfg.objective, include, exclude, vae, text_encoder
         )
         task.lora = lora
         return task
