@@ -120,7 +120,9 @@ def test_replay_reads_each_checkpoints_interval_in_step_order(tmp_path):
 
 def test_replay_logs_that_do_not_fit_raise(tmp_path):
     _, partial = write_log(tmp_path / "partial.npz", IDS[:3], [0, 0, 0], [1, 2, 3])
-    with pytest.raises(DataError, match=r"no event for 2 of 5 samples in any interval .*\(e.g. \['s3', 's4'\]\)"):
+    with pytest.raises(
+        DataError, match=r"no event for 2 of 5 samples in any interval .*\(e.g. \['s3', 's4'\]\)"
+    ):
         plan(f"replay:{partial}", steps=(None,))
     _, full = write_log(tmp_path / "full.npz", IDS, [0] * 5, [1, 2, 3, 4, 5])
     with pytest.raises(DataError, match="saved at step 6"):
