@@ -35,7 +35,8 @@ Attribution queries against indexes loaded once. A score is
 `I(z, z') = sum_k w_k <u_k(z), q_k(z')>`: positive = proponent (a gradient step on the training
 sample z lowers the loss on the query z'), negative = opponent. Results are `(n_query, k)`, best
 first. Images are PNG / JPEG files or `.npy` arrays shaped like the model's inputs (uint8, or float
-in [-1, 1]).
+in [-1, 1]); for a latent model that is the VAE's input, encoded to latents as `retrac query` does. A
+text-conditioned model (GET /indexes `text_conditional`) takes a `prompt` for the images.
 """
 
 
@@ -121,7 +122,7 @@ async def _read_images(
     shapes = {tuple(c.shape[1:]) for c in chunks}
     if len(shapes) > 1:
         raise RetracError(
-            f"the images have different shapes {sorted(shapes)}; the model takes {service.sample_shape}."
+            f"the images have different shapes {sorted(shapes)}; the model takes {service.image_shape}."
         )
     images = torch.cat(chunks)
     label_tensor = None
@@ -134,6 +135,11 @@ async def _read_images(
     elif examples and not files and all(x is not None for x in example_labels) and service.conditional:
         label_tensor = torch.tensor(example_labels, dtype=torch.long)
     return images, ids, label_tensor
+
+
+def _prompt(prompt: str | None) -> str | None:
+    """The form's prompt, or ``None`` when it is absent or blank (a browser sends the empty text box)."""
+    return prompt if prompt and prompt.strip() else None
 
 
 def create_app(service: AttributionService) -> FastAPI:
@@ -227,17 +233,24 @@ def create_app(service: AttributionService) -> FastAPI:
         labels: Annotated[
             str | None, Form(description="class labels, comma-separated (class-conditional models)")
         ] = None,
+        prompt: Annotated[
+            str | None,
+            Form(description="one prompt for all the images (required by text-conditioned models)"),
+        ] = None,
     ) -> JSONResponse:
         """The `retrac.query` document `retrac query --json` prints for the same images and options:
         `{schema, schema_version, score_meaning, query_ids, results: {method: {method, opponents, k,
         indices, scores, ids}}}` (indices, scores and ids `(n_query, k)`, best first), one entry per
-        method asked. Each entry adds `thumbnails` (`(n_query, k)` image URLs of the training samples), and
-        `query_image_urls` names the query images. `Server-Timing` gives the milliseconds spent
-        queued, in query gradients (shared by the batch) and in index search."""
+        method asked (`prompt` conditions every image of a text model). Each entry adds `thumbnails`
+        (`(n_query, k)` image URLs of the training samples), and `query_image_urls` names the query
+        images. `Server-Timing` gives the milliseconds spent queued, in query gradients (shared by the
+        batch) and in index search."""
         images, ids, label_tensor = await _read_images(service, files, examples, labels)
         if await request.is_disconnected():
             return JSONResponse({"detail": "client disconnected"}, status_code=499)
-        payload, timing = await service.attribute(images, ids, label_tensor, k, method, opponents)
+        payload, timing = await service.attribute(
+            images, ids, label_tensor, k, method, opponents, _prompt(prompt)
+        )
         return JSONResponse(payload, headers={"Server-Timing": timing.server_timing()})
 
     @app.post("/audit", summary="Memorization verdict of images (needs --audit)")
@@ -251,6 +264,7 @@ def create_app(service: AttributionService) -> FastAPI:
         ] = None,
         k: Annotated[int, Form(description="proponents per method")] = 10,
         labels: Annotated[str | None, Form(description="class labels, comma-separated")] = None,
+        prompt: Annotated[str | None, Form(description="one prompt for all the images (text models)")] = None,
     ) -> JSONResponse:
         """One record per image, as `retrac audit` writes them: `verdict` (copy / near / novel),
         `relative_distance` r = d_1 / mean distance to the n nearest distinct training images,
@@ -259,7 +273,7 @@ def create_app(service: AttributionService) -> FastAPI:
         images, ids, label_tensor = await _read_images(service, files, examples, labels)
         if await request.is_disconnected():
             return JSONResponse({"detail": "client disconnected"}, status_code=499)
-        payload, timing = await service.audit(images, ids, label_tensor, k)
+        payload, timing = await service.audit(images, ids, label_tensor, k, _prompt(prompt))
         return JSONResponse(payload, headers={"Server-Timing": timing.server_timing()})
 
     @app.get(

@@ -28,7 +28,17 @@ from retrac.errors import RetracError
 
 log = logging.getLogger("retrac.serve")
 
-Compute = Callable[[Tensor, "Tensor | None"], dict[str, np.ndarray]]
+Conditioning = Tensor | list[str] | None  # per image: class labels (n,), prompts (n strings), or none
+Compute = Callable[[Tensor, Conditioning], dict[str, np.ndarray]]
+
+
+def join_conditioning(parts: list[Conditioning]) -> Conditioning:
+    """The conditioning of concatenated requests: labels concatenated, prompt lists chained."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return [prompt for part in parts for prompt in part]
 
 
 class ServiceBusyError(RetracError):
@@ -57,7 +67,7 @@ class BatchTiming:
 @dataclass
 class _Waiting:
     images: Tensor
-    labels: Tensor | None
+    labels: Conditioning
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -94,7 +104,8 @@ class QueryBatcher:
     """A bounded queue in front of one query-gradient worker.
 
     Args:
-        compute: ``(images (n, C, H, W), labels (n,) or None) -> {method: (n, D) query vectors}``;
+        compute: ``(images (n, C, H, W), conditioning) -> {method: (n, D) query vectors}``, the
+            conditioning being class labels ``(n,)``, ``n`` prompts or ``None``;
             runs on ``executor``, one call at a time.
         executor: the worker (a one-thread executor: the model is not shared between threads).
         window_s: how long to wait after the first waiting request for others.
@@ -151,9 +162,10 @@ class QueryBatcher:
         self._waiting.clear()
 
     async def submit(
-        self, images: Tensor, labels: Tensor | None = None
+        self, images: Tensor, labels: Conditioning = None
     ) -> tuple[dict[str, np.ndarray], BatchTiming]:
-        """Queue ``images`` for the next batch and wait for their query vectors.
+        """Queue ``images`` (with their labels or prompts, one per image) for the next batch and
+        wait for their query vectors.
 
         Returns:
             ``({method: (n, D) float32}, timing)``.
@@ -236,7 +248,7 @@ class QueryBatcher:
         a request whose images fail (a NaN gradient, say) fails alone."""
         try:
             images = torch.cat([w.images for w in batch])
-            labels = None if batch[0].labels is None else torch.cat([w.labels for w in batch])
+            labels = join_conditioning([w.labels for w in batch])
             vectors = await loop.run_in_executor(self.executor, self.compute, images, labels)
         except Exception as exc:
             if len(batch) == 1:

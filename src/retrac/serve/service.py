@@ -15,16 +15,13 @@ of answered queries are bounded and in memory.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -36,6 +33,7 @@ from retrac.schema import query_document
 from retrac.serve.batcher import BatchTiming, QueryBatcher
 from retrac.serve.config import ServeConfig
 from retrac.serve.loading import load_audit, load_examples
+from retrac.serve.records import RememberedQuery, Timing, image_key, query_image_url, sample_image_url
 
 INFLUENCED_SHOWN = 10
 SCORE_MEANING = "I(z, z') = sum_k w_k <u_k(z), q_k(z')>; positive = proponent, negative = opponent"
@@ -47,51 +45,6 @@ class NotFoundError(DataError):
 
 class AuditUnavailableError(ConfigError):
     """``POST /audit`` on a server started without ``--audit`` (HTTP 409)."""
-
-
-@dataclass
-class Timing:
-    """Seconds one request spent waiting for and computing gradients, and searching."""
-
-    queued_s: float = 0.0
-    gradients_s: float = 0.0
-    search_s: float = 0.0
-    batch_images: int = 0
-    cached_images: int = 0
-
-    def server_timing(self) -> str:
-        """The ``Server-Timing`` header value (milliseconds)."""
-        return (
-            f"queue;dur={self.queued_s * 1e3:.3f}, gradients;dur={self.gradients_s * 1e3:.3f}, "
-            f"search;dur={self.search_s * 1e3:.3f}, "
-            f'batch;desc="{self.batch_images} images, {self.cached_images} cached"'
-        )
-
-
-@dataclass
-class _Remembered:
-    """An answered query kept for "most influenced queries"."""
-
-    key: str
-    name: str
-    image: Tensor  # (C, H, W)
-    vectors: dict[str, np.ndarray]  # method -> (D,)
-
-
-def image_key(image: Tensor, label: int | None) -> str:
-    """sha256 of one image's float32 pixels, shape and label: the cache and history key."""
-    digest = hashlib.sha256(str(tuple(image.shape)).encode())
-    digest.update(np.ascontiguousarray(image.numpy(), dtype=np.float32).tobytes())
-    digest.update(b"" if label is None else str(int(label)).encode())
-    return digest.hexdigest()
-
-
-def sample_image_url(sample_id: str) -> str:
-    return f"/samples/{quote(sample_id, safe='')}/image.png"
-
-
-def query_image_url(key: str) -> str:
-    return f"/queries/{key[:24]}/image.png"
 
 
 class AttributionService:
@@ -140,8 +93,11 @@ class AttributionService:
         self._example_row = {} if examples is None else {e: i for i, e in enumerate(examples.ids)}
         self.num_samples = len(train)
         self.max_k = min(self.config.max_k, self.num_samples)
-        self.conditional = bool(attributor.task.is_class_conditional)
-        self.sample_shape = tuple(int(s) for s in attributor.task.sample_shape)
+        task = attributor.task
+        self.conditional = bool(task.is_class_conditional)
+        self.text_conditional = bool(task.is_text_conditional)  # POST /attribute needs a prompt
+        # uploads are pixels: the VAE's input for a latent model (encoded as Attributor.attribute does)
+        self.image_shape = tuple(int(s) for s in task.image_shape)
         self._gradient_thread = ThreadPoolExecutor(1, thread_name_prefix="retrac-gradients")
         self._search_pool = ThreadPoolExecutor(self.config.search_threads, thread_name_prefix="retrac-search")
         self.batcher = QueryBatcher(
@@ -154,7 +110,7 @@ class AttributionService:
         )
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
-        self._history: OrderedDict[str, _Remembered] = OrderedDict()
+        self._history: OrderedDict[str, RememberedQuery] = OrderedDict()
         self._train_vector_cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self.started = time.time()
         self.answered = 0
@@ -230,8 +186,8 @@ class AttributionService:
             raise ConfigError(f"k={k} must lie in [1, {self.max_k}], {limit}.")
         return int(k)
 
-    def check_images(self, images: Tensor, labels: Tensor | None) -> None:
-        """Refuse images that do not fit the model, and missing or surplus labels."""
+    def check_images(self, images: Tensor, labels: Tensor | None, prompt: str | None = None) -> None:
+        """Refuse images that do not fit the model, missing or surplus labels, a missing or surplus prompt."""
         from retrac.serve.uploads import UploadTooLargeError
 
         if images.shape[0] > self.config.max_images:
@@ -250,6 +206,13 @@ class AttributionService:
             raise DataError(
                 f"{labels.shape[0]} labels for {images.shape[0]} images; give one label per image."
             )
+        if self.text_conditional and not prompt:
+            raise DataError(
+                f"the {self.attributor.task.spec.model_class} is text-conditioned: give a prompt "
+                "(form field 'prompt', one for all the images)."
+            )
+        if prompt and not self.text_conditional:
+            raise DataError("the model is not text-conditioned: drop the prompt.")
 
     def example(self, example_id: str) -> tuple[Tensor, int | None]:
         if self.examples is None or example_id not in self._example_row:
@@ -259,22 +222,29 @@ class AttributionService:
         return self.examples.images[row], label
 
     # ------------------------------------------------------------------------------ query vectors
-    def _compute_vectors(self, images: Tensor, labels: Tensor | None) -> dict[str, np.ndarray]:
-        """Gradient thread: ``{method: (n, D)}`` query vectors ``Q(z')`` (kernel folded in)."""
+    def _compute_vectors(
+        self, images: Tensor, conditioning: Tensor | list[str] | None
+    ) -> dict[str, np.ndarray]:
+        """Gradient thread: ``{method: (n, D)}`` query vectors ``Q(z')`` (kernel folded in).
+
+        ``conditioning`` is class labels ``(n,)`` or one prompt per image; the images go through
+        ``Attributor.query_vectors`` (the VAE's mean for a latent model, the prompts' text states).
+        """
+        labels, prompts = (None, conditioning) if isinstance(conditioning, list) else (conditioning, None)
         # The first call computes the query features; the others reuse the Attributor's cache.
-        return {m: self.attributor.query_vectors(images, m, labels) for m in self.methods}
+        return {m: self.attributor.query_vectors(images, m, labels, prompts) for m in self.methods}
 
     async def query_vectors(
-        self, images: Tensor, labels: Tensor | None
+        self, images: Tensor, labels: Tensor | None, prompt: str | None = None
     ) -> tuple[dict[str, np.ndarray], list[str], Timing]:
-        """Query vectors of every loaded method for ``images``: cached rows, the others batched.
+        """Query vectors of every loaded method for ``images`` (under ``prompt``): cached rows, the others batched.
 
         Returns:
             ``({method: (n, D)}, keys, timing)``; ``keys`` are the images' digests.
         """
         n = int(images.shape[0])
         label_list = [None] * n if labels is None else [int(x) for x in labels]
-        keys = [image_key(images[i], label_list[i]) for i in range(n)]
+        keys = [image_key(images[i], label_list[i], prompt) for i in range(n)]
         found: dict[int, dict[str, np.ndarray]] = {}
         with self._lock:
             for i, key in enumerate(keys):
@@ -285,7 +255,8 @@ class AttributionService:
         timing = Timing(cached_images=len(found))
         if missing:
             rows = torch.tensor(missing)
-            vectors, batch = await self.batcher.submit(images[rows], None if labels is None else labels[rows])
+            conditioning = [prompt] * len(missing) if prompt else None if labels is None else labels[rows]
+            vectors, batch = await self.batcher.submit(images[rows], conditioning)
             self._note_batch(timing, batch)
             with self._lock:
                 for j, i in enumerate(missing):
@@ -313,7 +284,7 @@ class AttributionService:
             return
         with self._lock:
             for i, key in enumerate(keys):
-                self._history[key] = _Remembered(
+                self._history[key] = RememberedQuery(
                     key, names[i], images[i].clone(), {m: v[i] for m, v in vectors.items()}
                 )
                 self._history.move_to_end(key)
@@ -357,17 +328,19 @@ class AttributionService:
         k: int,
         method: str | None,
         opponents: bool,
+        prompt: str | None = None,
     ) -> tuple[dict[str, Any], Timing]:
         """``POST /attribute``: the ``retrac.query`` document ``retrac query --json`` prints, plus image URLs.
 
         ``results`` holds one entry per method asked (named, or every loaded one), as the CLI prints
         (docs/design.md section 10); each entry adds ``thumbnails`` (``(n_query, k)`` URLs of the
-        training samples' images) and ``query_image_urls`` names the query images.
+        training samples' images) and ``query_image_urls`` names the query images. ``prompt``
+        (required by a text model, refused by the others) conditions every image.
         """
         methods = self.check_methods(method)
         k = self.check_k(k)
-        self.check_images(images, labels)
-        vectors, keys, timing = await self.query_vectors(images, labels)
+        self.check_images(images, labels, prompt)
+        vectors, keys, timing = await self.query_vectors(images, labels, prompt)
         self._remember(keys, query_ids, images, vectors)
         results, timing.search_s = await self._run_searches(vectors, methods, k, opponents)
         payload = query_document(results.values(), query_ids)
@@ -378,7 +351,7 @@ class AttributionService:
         return payload, timing
 
     async def audit(
-        self, images: Tensor, query_ids: list[str], labels: Tensor | None, k: int
+        self, images: Tensor, query_ids: list[str], labels: Tensor | None, k: int, prompt: str | None = None
     ) -> tuple[dict[str, Any], Timing]:
         """``POST /audit``: one record per image as ``retrac audit`` writes them (verdict, relative
         distance, nearest training images, proponents under every loaded method with ``nn_rank``),
@@ -391,7 +364,7 @@ class AttributionService:
                 "pixel index) or --audit memory."
             )
         k = self.check_k(k)
-        self.check_images(images, labels)
+        self.check_images(images, labels, prompt)
         loop = asyncio.get_running_loop()
         neighbours = min(self.audit_config.num_neighbours, self.pixel_index.num_distinct)
         config = type(self.audit_config)(
@@ -400,7 +373,7 @@ class AttributionService:
         pixel = loop.run_in_executor(
             self._search_pool, audit_images, images, self.pixel_index, None, config, query_ids
         )
-        vectors, keys, timing = await self.query_vectors(images, labels)
+        vectors, keys, timing = await self.query_vectors(images, labels, prompt)
         self._remember(keys, query_ids, images, vectors)
         audited = await pixel
         results, timing.search_s = await self._run_searches(vectors, self.methods, k, False)
@@ -507,7 +480,7 @@ class AttributionService:
     # ------------------------------------------------------------------------------ descriptions
     def describe_indexes(self) -> dict[str, Any]:
         """``GET /indexes``: what is loaded."""
-        store = self.attributor.feature_store
+        store, task = self.attributor.feature_store, self.attributor.task
         indexes = []
         for m in self.methods:
             loaded = self._loaded[m]
@@ -543,8 +516,10 @@ class AttributionService:
                 "num_noise": events.num_noise,
                 "seed": events.seed,
             },
-            "image_shape": list(self.sample_shape),
+            "image_shape": list(self.image_shape),  # what uploads must be (pixels)
+            "latent_shape": list(task.sample_shape) if task.is_latent else None,
             "class_conditional": self.conditional,
+            "text_conditional": self.text_conditional,  # POST /attribute then needs `prompt`
             "audit": None
             if self.pixel_index is None
             else {

@@ -59,7 +59,9 @@ async function init() {
   });
   const ev = info.query_events;
   $("loaded").textContent = `Loaded: ${parts.join("; ")}. Query events ${ev.num_timesteps} x ${ev.num_noise}. ` +
-    `Images ${info.image_shape.join(" x ")}.` + (info.audit ? " Memorization audit loaded." : "");
+    `Images ${info.image_shape.join(" x ")}` + (info.latent_shape ? ` (latents ${info.latent_shape.join(" x ")})` : "") +
+    "." + (info.text_conditional ? " Text-conditioned: give a prompt." : "") + (info.audit ? " Memorization audit loaded." : "");
+  $("prompt-box").hidden = !info.text_conditional;  // the prompt box only for a model that needs one
   $("score-note").textContent = `Score: ${info.score_meaning}. Scores compare across queries of one method, not across methods.`;
   const k = $("k");
   k.max = info.limits.max_k;
@@ -135,6 +137,7 @@ function formFor(query, extra) {
   if (query.file) form.append("files", query.file, query.file.name);
   else form.append("examples", query.example);
   for (const [key, value] of Object.entries(extra)) form.append(key, String(value));
+  if (state.info.text_conditional) form.append("prompt", $("prompt").value);
   return form;
 }
 
@@ -290,6 +293,7 @@ function wire() {
   };
   $("k").addEventListener("change", rerun);
   $("show-opponents").addEventListener("change", rerun);
+  $("prompt").addEventListener("change", () => { if (state.query && !state.busy) runQuery(state.query); });
   init();
 }
 
