@@ -194,6 +194,21 @@ def query_events(args: argparse.Namespace) -> QueryEvents:
     return QueryEvents.preset(args.query_events, args.seed)
 
 
+def open_attributor(args: argparse.Namespace, quiet: bool = False):
+    """The ``Attributor`` over ``--index`` with ``--store``, ``--checkpoint``, ``--query-events``, ``--device``;
+    progress bars unless ``--no-progress`` or ``quiet`` (e.g. ``--json``, whose stdout is the document)."""
+    from retrac.query.attribution import Attributor
+
+    return Attributor(
+        args.index,
+        store=args.store,
+        checkpoints=args.checkpoint,
+        query_events=query_events(args),
+        device=args.device,
+        progress=not (quiet or args.no_progress),
+    )
+
+
 def resolve_cli_device(device: str, device_for: str = "torch") -> str:
     """``--device`` checked against this machine: a torch device name, or a FAISS one for ``build``.
 

@@ -11,7 +11,7 @@ from retrac.cli.options import (
     add_query_event_options,
     check_pixel_range,
     load_query_images,
-    query_events,
+    open_attributor,
 )
 from retrac.cli.steps import add_prompt_options, query_prompts, run_step_query
 from retrac.query.attribution import DEFAULT_TOP_K
@@ -77,7 +77,6 @@ def _run_query(args: argparse.Namespace) -> int:
     import sys
 
     from retrac.errors import ConfigError
-    from retrac.query.attribution import Attributor
     from retrac.schema import query_document, typed_ids
 
     if args.query_steps is not None:
@@ -87,14 +86,7 @@ def _run_query(args: argparse.Namespace) -> int:
             "give query images with --images (or --query-steps with --prompt to attribute a generated one)."
         )
     images = load_query_images(args)
-    attributor = Attributor(
-        args.index,
-        store=args.store,
-        checkpoints=args.checkpoint,
-        query_events=query_events(args),
-        device=args.device,
-        progress=not (args.json or args.no_progress),
-    )
+    attributor = open_attributor(args, quiet=args.json)
     check_pixel_range(args, images, attributor.feature_store)
     labels = images.labels if attributor.task.is_class_conditional else None
     methods = [args.method] if args.method else attributor.methods

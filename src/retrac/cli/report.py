@@ -15,7 +15,7 @@ from retrac.cli.options import (
     add_query_event_options,
     check_pixel_range,
     load_query_images,
-    query_events,
+    open_attributor,
 )
 from retrac.cli.steps import add_prompt_option, query_prompts
 from retrac.query.attribution import DEFAULT_TOP_K
@@ -91,18 +91,10 @@ def _run_report(args: argparse.Namespace) -> int:
     from retrac.audit.training import load_recorded_data
     from retrac.bias import load_outlier_ids, measure_bias
     from retrac.errors import DataError
-    from retrac.query.attribution import Attributor
     from retrac.report.bias import write_bias_report
 
     images = load_query_images(args)
-    attributor = Attributor(
-        args.index,
-        store=args.store,
-        checkpoints=args.checkpoint,
-        query_events=query_events(args),
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    attributor = open_attributor(args)
     store = attributor.feature_store
     check_pixel_range(args, images, store)
     data_path = args.data or attributor.training_data_path  # the recorded data, moved as the store moved

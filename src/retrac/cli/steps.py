@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from retrac.cli.options import open_attributor
 from retrac.query.inputs import INPUT_SPACES
 from retrac.query.steps import DEFAULT_SAMPLING_STEPS
 
@@ -101,7 +102,7 @@ def run_step_query(args: argparse.Namespace) -> int:
     import torch
 
     from retrac.errors import ConfigError
-    from retrac.query.attribution import AttributionResult, Attributor
+    from retrac.query.attribution import AttributionResult
     from retrac.query.steps import attribute_steps, parse_steps, sample_trajectory
     from retrac.schema import query_document
 
@@ -110,14 +111,7 @@ def run_step_query(args: argparse.Namespace) -> int:
             "--query-steps attributes generated samples along their trajectory; leave out --images (given images "
             "have no trajectory)."
         )
-    attributor = Attributor(
-        args.index,
-        store=args.store,
-        checkpoints=args.checkpoint,
-        query_events=_events(args),
-        device=args.device,
-        progress=not (args.json or args.no_progress),
-    )
+    attributor = open_attributor(args, quiet=args.json)
     task = attributor.task
     steps = parse_steps(args.query_steps, task.num_train_timesteps)
     prompts, labels, conditioning, unconditional = None, None, None, None
@@ -193,9 +187,3 @@ def run_step_query(args: argparse.Namespace) -> int:
                 )
                 print(f"    sample {i} {what}: {pairs}")
     return 0
-
-
-def _events(args: argparse.Namespace):
-    from retrac.cli.options import query_events
-
-    return query_events(args)
