@@ -166,7 +166,8 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(code, os.strerror(code), str(second))
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -182,7 +183,7 @@ def _clear_stale_siblings(target: Path) -> None:
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}")
     for sibling in sorted(target.parent.iterdir()) if target.parent.is_dir() else []:
         match = pattern.fullmatch(sibling.name)
-        if not match or _pid_alive(int(match.group(2))):
+        if not match or process_alive(int(match.group(2))):
             continue
         if match.group(1) == "old" and not target.exists():
             os.replace(sibling, target)

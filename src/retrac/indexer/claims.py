@@ -30,6 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from retrac._io import process_alive
 from retrac.errors import ConfigError
 from retrac.indexer.layout import checkpoint_group
 
@@ -104,7 +105,7 @@ class ShardClaims:
         if record["expires"] < now:
             return True
         if record.get("host") == self.host and isinstance(record.get("pid"), int):
-            return not _process_exists(record["pid"])
+            return not process_alive(record["pid"])
         return False
 
     def try_acquire(self, k: int, shard: int, newest: int | None = -2) -> bool:
@@ -177,13 +178,3 @@ class ShardClaims:
                 self.release(k, shard, finished=False)
             except Exception:  # noqa: BLE001 - an unreleased claim goes stale by itself
                 continue
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
