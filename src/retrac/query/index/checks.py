@@ -52,47 +52,56 @@ def _nonfinite_rows(array: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isfinite(array).all(axis=1))
 
 
-def _as_block(block: Any, dim: int, block_number: int, offset: int) -> np.ndarray:
-    """Validate one block of train vectors and return it as C-contiguous float32 ``(n, D)``."""
-    array = np.asarray(block)
+def _checked_rows(value: Any, dim: int, wrong_shape, wrong_dtype, not_finite) -> np.ndarray:
+    """``value`` as C-contiguous float32 ``(n, dim)`` with finite rows; else a ``DataError`` worded by
+    ``wrong_shape(shape)``, ``wrong_dtype(dtype)`` or ``not_finite(bad_rows)``."""
+    array = np.asarray(value)
     if array.ndim != 2 or array.shape[1] != dim:
-        raise DataError(
-            f"block {block_number} (rows from {offset}) has shape {array.shape}; every block must be "
-            f"(n_i, {dim}) to match dim={dim}. Check the projection dimension and the number of "
-            "checkpoints (D = K * d)."
-        )
+        raise DataError(wrong_shape(array.shape))
     if not np.issubdtype(array.dtype, np.floating):
-        raise DataError(f"block {block_number} has dtype {array.dtype}; pass float32 (or float16) vectors.")
+        raise DataError(wrong_dtype(array.dtype))
     array = np.ascontiguousarray(array, dtype=np.float32)
     bad = _nonfinite_rows(array)
     if bad.size:
-        rows = ", ".join(str(offset + int(i)) for i in bad[:5])
-        raise DataError(
-            f"block {block_number} holds non-finite (NaN or inf) vectors at rows {rows}"
+        raise DataError(not_finite(bad))
+    return array
+
+
+def _as_block(block: Any, dim: int, block_number: int, offset: int) -> np.ndarray:
+    """Validate one block of train vectors and return it as C-contiguous float32 ``(n, D)``."""
+    return _checked_rows(
+        block,
+        dim,
+        lambda shape: (
+            f"block {block_number} (rows from {offset}) has shape {shape}; every block must be "
+            f"(n_i, {dim}) to match dim={dim}. Check the projection dimension and the number of "
+            "checkpoints (D = K * d)."
+        ),
+        lambda dtype: f"block {block_number} has dtype {dtype}; pass float32 (or float16) vectors.",
+        lambda bad: (
+            f"block {block_number} holds non-finite (NaN or inf) vectors at rows "
+            f"{', '.join(str(offset + int(i)) for i in bad[:5])}"
             f"{' ...' if bad.size > 5 else ''} ({bad.size} in all); recompute those samples' "
             "features, the index never repairs them."
-        )
-    return array
+        ),
+    )
 
 
 def _as_queries(queries: Any, dim: int) -> np.ndarray:
     """Validate query vectors and return them as C-contiguous float32 ``(n_query, D)``."""
-    array = np.asarray(queries)
-    if array.ndim != 2 or array.shape[1] != dim:
-        raise DataError(
-            f"queries have shape {array.shape}; expected (n_query, {dim}) to match the index "
+    return _checked_rows(
+        queries,
+        dim,
+        lambda shape: (
+            f"queries have shape {shape}; expected (n_query, {dim}) to match the index "
             "dimension (reshape a single query to (1, D))."
-        )
-    if not np.issubdtype(array.dtype, np.floating):
-        raise DataError(f"queries have dtype {array.dtype}; pass float32 query vectors.")
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    bad = _nonfinite_rows(array)
-    if bad.size:
-        raise DataError(
+        ),
+        lambda dtype: f"queries have dtype {dtype}; pass float32 query vectors.",
+        lambda bad: (
             f"query rows {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} are not finite (NaN or "
             "inf); check the query images and their gradients."
-        )
-    return array
+        ),
+    )
 
 
 def _iterate(blocks: Blocks) -> Iterator[np.ndarray]:
