@@ -125,6 +125,34 @@ def build_demo_unet(sample_size: int = 8, channels: int = 1, num_class_embeds: i
     )
 
 
+def demo_checkpoint_steps(total_steps: int, num_checkpoints: int) -> list[int]:
+    """The training steps after which the demo saves a checkpoint: ``num_checkpoints`` spread evenly."""
+    return sorted({round(total_steps * (k + 1) / num_checkpoints) for k in range(num_checkpoints)})
+
+
+def demo_training_draws(
+    n: int, batch_size: int, epochs: int, seed: int, num_train_timesteps: int, shape: tuple[int, ...]
+):
+    """The demo training's random draws, one batch a step (steps count from 1), all from ``seed``:
+    the batch order per epoch, each step's timesteps and each row's noise (``noise_from_seed`` of
+    ``derive_seed("train-noise", seed, step, position)``), so an event log can replay them.
+
+    Yields:
+        ``(epoch, step, rows, timesteps, noise_seeds, noise)``, tensors on the CPU.
+    """
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("epoch", seed, epoch)))
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            step += 1
+            step_rng = torch.Generator().manual_seed(derive_seed("timesteps", seed, step))
+            timesteps = torch.randint(0, num_train_timesteps, (len(rows),), generator=step_rng)
+            seeds = [derive_seed("train-noise", seed, step, pos) for pos in range(len(rows))]
+            noise = torch.stack([noise_from_seed(s, shape) for s in seeds])
+            yield epoch, step, rows, timesteps, seeds, noise
+
+
 def build_demo_scheduler(num_train_timesteps: int = 1000):
     from diffusers import DDPMScheduler
 
@@ -256,49 +284,38 @@ def train_ddpm(
     n = len(train)
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
-    checkpoint_steps = sorted(
-        {round(total_steps * (k + 1) / config.num_checkpoints) for k in range(config.num_checkpoints)}
-    )
+    checkpoint_steps = demo_checkpoint_steps(total_steps, config.num_checkpoints)
     shape = tuple(train.images.shape[1:])
     log: dict[str, list] = {"sample_id": [], "timestep": [], "noise_seed": [], "step": [], "interval": []}
     checkpoints = []
     started = time.perf_counter()
     model.train()
-    step = 0
     interval = 0
     bar = tqdm(total=total_steps, desc="train demo DDPM", disable=not progress)
-    for epoch in range(config.epochs):
-        order = torch.randperm(
-            n, generator=torch.Generator().manual_seed(derive_seed("epoch", config.seed, epoch))
-        )
-        for start in range(0, n, config.batch_size):
-            rows = order[start : start + config.batch_size]
-            step += 1
-            step_rng = torch.Generator().manual_seed(derive_seed("timesteps", config.seed, step))
-            timesteps = torch.randint(0, config.num_train_timesteps, (len(rows),), generator=step_rng)
-            seeds = [derive_seed("train-noise", config.seed, step, pos) for pos in range(len(rows))]
-            noise = torch.stack([noise_from_seed(s, shape) for s in seeds]).to(device)
-            images, timesteps = train.images[rows].to(device), timesteps.to(device)
-            noisy = scheduler.add_noise(images, noise, timesteps)
-            loss = torch.nn.functional.mse_loss(model(noisy, timesteps).sample, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            log["sample_id"].extend(train.ids[i] for i in rows.tolist())
-            log["timestep"].extend(timesteps.cpu().tolist())
-            log["noise_seed"].extend(seeds)
-            log["step"].extend([step] * len(rows))
-            log["interval"].extend([interval] * len(rows))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
-            if step in checkpoint_steps:
-                previous = checkpoint_steps[interval - 1] if interval else 0
-                weight = config.learning_rate * (step - previous)  # w_k: learning rate x steps covered
-                path = save_checkpoint(
-                    model, scheduler, out / "checkpoints" / f"checkpoint-{step}", weight, step
-                )
-                checkpoints.append({"path": str(path), "weight": weight, "step": step})
-                interval += 1
+    draws = demo_training_draws(
+        n, config.batch_size, config.epochs, config.seed, config.num_train_timesteps, shape
+    )
+    for epoch, step, rows, timesteps, seeds, noise in draws:
+        noise = noise.to(device)
+        images, timesteps = train.images[rows].to(device), timesteps.to(device)
+        noisy = scheduler.add_noise(images, noise, timesteps)
+        loss = torch.nn.functional.mse_loss(model(noisy, timesteps).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        log["sample_id"].extend(train.ids[i] for i in rows.tolist())
+        log["timestep"].extend(timesteps.cpu().tolist())
+        log["noise_seed"].extend(seeds)
+        log["step"].extend([step] * len(rows))
+        log["interval"].extend([interval] * len(rows))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+        if step in checkpoint_steps:
+            previous = checkpoint_steps[interval - 1] if interval else 0
+            weight = config.learning_rate * (step - previous)  # w_k: learning rate x steps covered
+            path = save_checkpoint(model, scheduler, out / "checkpoints" / f"checkpoint-{step}", weight, step)
+            checkpoints.append({"path": str(path), "weight": weight, "step": step})
+            interval += 1
     bar.close()
     model.eval()
     event_log = TrainingEventLog(

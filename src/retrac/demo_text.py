@@ -40,7 +40,7 @@ from retrac._io import atomic_write_text
 from retrac.checkpoints import save_checkpoint
 from retrac.data import ImageDataset
 from retrac.errors import ConfigError
-from retrac.events import derive_seed, noise_from_seed
+from retrac.events import derive_seed
 
 __all__ = ["DIGIT_WORDS", "TextDemoConfig", "caption_of", "run_text_demo"]
 
@@ -185,7 +185,7 @@ def train_text_model(
     train: ImageDataset, config: TextDemoConfig, out: Path, encoder, tokenizer, progress, device
 ):
     """Train the text UNet; checkpoints ``out/checkpoints/checkpoint-STEP/`` with weight ``lr x steps``."""
-    from retrac.demo import build_demo_scheduler
+    from retrac.demo import build_demo_scheduler, demo_checkpoint_steps, demo_training_draws
     from retrac.text import PromptEncoder
 
     torch.manual_seed(derive_seed("text-unet", config.seed) % (1 << 31))
@@ -197,45 +197,33 @@ def train_text_model(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     n, shape = len(train), tuple(train.images.shape[1:])
     total = -(-n // config.batch_size) * config.epochs
-    saves = sorted({round(total * (k + 1) / config.num_checkpoints) for k in range(config.num_checkpoints)})
-    checkpoints, step, started = [], 0, time.perf_counter()
+    saves = demo_checkpoint_steps(total, config.num_checkpoints)
+    checkpoints, started = [], time.perf_counter()
     model.train()
+    draws = demo_training_draws(
+        n, config.batch_size, config.epochs, config.seed, scheduler.config.num_train_timesteps, shape
+    )
     with tqdm(total=total, desc="train text demo", disable=not progress) as bar:
-        for epoch in range(config.epochs):
-            order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(derive_seed("epoch", config.seed, epoch))
+        for epoch, step, rows, timesteps, _, noise in draws:
+            noise = noise.to(device)
+            images, timesteps = train.images[rows].to(device), timesteps.to(device)
+            cond = states[train.labels[rows].to(device)]
+            prediction = model(
+                scheduler.add_noise(images, noise, timesteps), timesteps, encoder_hidden_states=cond
             )
-            for begin in range(0, n, config.batch_size):
-                rows = order[begin : begin + config.batch_size]
-                step += 1
-                rng = torch.Generator().manual_seed(derive_seed("timesteps", config.seed, step))
-                timesteps = torch.randint(
-                    0, scheduler.config.num_train_timesteps, (len(rows),), generator=rng
+            loss = torch.nn.functional.mse_loss(prediction.sample, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+            if step in saves:
+                previous = saves[saves.index(step) - 1] if saves.index(step) else 0
+                weight = config.learning_rate * (step - previous)
+                path = save_checkpoint(
+                    model, scheduler, out / "checkpoints" / f"checkpoint-{step}", weight, step
                 )
-                noise = torch.stack(
-                    [
-                        noise_from_seed(derive_seed("train-noise", config.seed, step, i), shape)
-                        for i in range(len(rows))
-                    ]
-                ).to(device)
-                images, timesteps = train.images[rows].to(device), timesteps.to(device)
-                cond = states[train.labels[rows].to(device)]
-                prediction = model(
-                    scheduler.add_noise(images, noise, timesteps), timesteps, encoder_hidden_states=cond
-                )
-                loss = torch.nn.functional.mse_loss(prediction.sample, noise)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
-                if step in saves:
-                    previous = saves[saves.index(step) - 1] if saves.index(step) else 0
-                    weight = config.learning_rate * (step - previous)
-                    path = save_checkpoint(
-                        model, scheduler, out / "checkpoints" / f"checkpoint-{step}", weight, step
-                    )
-                    checkpoints.append(str(path))
+                checkpoints.append(str(path))
     model.eval()
     return checkpoints, float(loss.item()), round(time.perf_counter() - started, 2)
 
