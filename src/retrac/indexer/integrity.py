@@ -26,6 +26,23 @@ def ids_digest(ids) -> str:
     return hashlib.sha256(json.dumps([str(i) for i in ids], separators=(",", ":")).encode()).hexdigest()
 
 
+def streamed_ids_problem(group, num_samples: int, attrs: dict, chunk_rows: int = 1 << 16) -> str | None:
+    """Why the store's ``ids`` array fails :func:`ids_digest` (``None``: whole), read chunk by chunk."""
+    try:
+        array = group["ids"]
+        digest, count = hashlib.sha256(b"["), 0
+        for start in range(0, array.shape[0], chunk_rows):
+            for sample_id in array[start : start + chunk_rows]:
+                digest.update((b"," if count else b"") + json.dumps(str(sample_id)).encode())
+                count += 1
+        digest.update(b"]")
+    except Exception as exc:  # a missing array or a truncated chunk
+        return f"the ids cannot be read ({type(exc).__name__}: {exc})"
+    if count != num_samples or digest.hexdigest() != (attrs.get("integrity") or {}).get("ids_sha256"):
+        return "the ids do not match their recorded sha256 (a changed or missing ids chunk)"
+    return None
+
+
 def shard_digest(arrays: dict[str, np.ndarray], names: tuple[str, ...] = SHARD_ARRAYS) -> str:
     """sha256 of one shard's arrays: ``names`` in order, C-contiguous bytes of the stored dtypes.
 

@@ -64,6 +64,7 @@ from retrac.indexer.integrity import (
     index_command,
     ledger_entry_problem,
     shard_digest,
+    streamed_ids_problem,
 )
 from retrac.indexer.layout import checkpoint_group, shard_arrays
 from retrac.indexer.location import LocalLocation, ObjectLocation, open_location
@@ -248,6 +249,12 @@ class FeatureStore:
     def ids_problem(self) -> str | None:
         """Why the stored ids cannot be trusted (``None``: they match their recorded digest)."""
         return self._read_ids()[1]
+
+    def check_ids(self) -> None:
+        """:attr:`ids`' digest check, streamed (memory: one chunk of ids); raises StoreDamagedError."""
+        problem = streamed_ids_problem(self._group, self.num_samples, self.attrs)
+        if problem:
+            raise StoreDamagedError(f"store {self.url!r} is damaged: {problem}; {self.recompute_hint()}")
 
     def rewrite_ids(self, ids: list[str]) -> None:
         """Write the ids again (a resumed featurization repairing a damaged ids chunk).

@@ -150,6 +150,7 @@ def build_attribution_index(
     store = _open_store(store)
     method = method if isinstance(method, Method) else Method.named(method, kernel)
     method.check_objective(store.config.objective)
+    store.check_ids()  # streamed: an index must name its rows with the ids the store was made with
     out = Path(out)
     kernel_record, files = None, {}
     if method.uses_kernel:
