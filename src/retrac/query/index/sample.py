@@ -78,17 +78,29 @@ def _bottom_k_sample(blocks: Blocks, dim: int, size: int, seed: int) -> tuple[np
         ``(sample (m, D) float32, rows seen)``, ``m = min(size, rows seen)``.
     """
     rng = np.random.default_rng(seed)
-    keys = np.zeros(0)
-    sample = np.zeros((0, dim), dtype=np.float32)
+    keys: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
+    held = 0
     offset = 0
+
+    def prune() -> tuple[np.ndarray, np.ndarray]:
+        # the `size` smallest keys seen so far, in stream order
+        all_keys, all_rows = np.concatenate(keys), np.concatenate(rows)
+        if all_keys.shape[0] > size:
+            keep = np.sort(np.argpartition(all_keys, size - 1)[:size])
+            all_keys, all_rows = all_keys[keep], all_rows[keep]
+        return all_keys, all_rows
+
     for number, block in enumerate(_iterate(blocks)):
         array = _as_block(block, dim, number, offset)
         offset += array.shape[0]
-        block_keys = rng.random(array.shape[0])
-        keys = np.concatenate([keys, block_keys])
-        sample = np.concatenate([sample, array])
-        if keys.shape[0] > size:
-            keep = np.argpartition(keys, size - 1)[:size]
-            keep.sort()
-            keys, sample = keys[keep], sample[keep]
+        keys.append(rng.random(array.shape[0]))
+        rows.append(array)
+        held += array.shape[0]
+        if held > 2 * size:  # prune once the candidates double: linear in the stream, memory <= 2 samples
+            kept_keys, kept_rows = prune()
+            keys, rows, held = [kept_keys], [kept_rows], kept_keys.shape[0]
+    if not keys:
+        return np.zeros((0, dim), dtype=np.float32), 0
+    sample = prune()[1]
     return sample, offset
