@@ -1,5 +1,6 @@
 """Movable indexes (issue 13, item 7): a project folder moved as a whole still answers queries;
-``--store`` / ``--checkpoint`` say where moved parts are, and a wrong file is refused."""
+``--store`` / ``--checkpoint`` say where moved parts are, ``--search-path`` finds them by fingerprint /
+sha256, and a wrong file is refused."""
 
 from __future__ import annotations
 
@@ -121,3 +122,51 @@ def test_store_and_checkpoint_overrides_are_checked(project, tmp_path, capsys):
     capsys.readouterr()
     assert main(_query(project / "index", project / "queries.npy", "--store", str(other))) == 2
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_search_path_finds_moved_store_and_checkpoints_by_identity(project, tmp_path, capsys):
+    expected = _answer(capsys, _query(project / "index", project / "queries.npy"))
+    # the index stays; the store and the checkpoints moved into an unrelated tree, renamed and nested
+    index = tmp_path / "index-only" / "index"
+    shutil.copytree(project / "index", index)
+    shutil.copy(project / "queries.npy", tmp_path / "queries.npy")
+    archive = tmp_path / "archive"
+    shutil.copytree(project / "store", archive / "features" / "run-1")
+    shutil.copytree(project / "ckpt-a", archive / "models" / "first")
+    shutil.copytree(project / "ckpt-b", archive / "models" / "second")
+    (archive / "models" / "notes").mkdir()
+    hidden = project.parent / "hidden"
+    project.rename(hidden)
+    try:
+        capsys.readouterr()
+        assert main(_query(index, tmp_path / "queries.npy")) == 2  # nothing where recorded
+        assert "is not a retrac feature store" in capsys.readouterr().err
+        argv = _query(index, tmp_path / "queries.npy", "--search-path", str(tmp_path / "empty"))
+        argv += ["--search-path", str(archive)]
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        got = json.loads(out)
+        assert f"store found by fingerprint at {archive / 'features' / 'run-1'}" in err
+        assert f"checkpoint found by sha256 at {archive / 'models' / 'first'}" in err
+        assert f"checkpoint found by sha256 at {archive / 'models' / 'second'}" in err
+    finally:
+        hidden.rename(project)
+    assert got["results"] == expected["results"]
+
+
+def test_search_path_never_takes_a_different_store(project, tmp_path, capsys):
+    index = tmp_path / "lone" / "index"
+    shutil.copytree(project / "index", index)
+    other = tmp_path / "shelf" / "other-store"
+    argv = ["index", "--checkpoint", str(project / "ckpt-a"), "--data", str(project / "train.npz")]
+    assert main([*argv, "--out", str(other), "--events", "stratified:1", "--dim", "16", "--no-progress"]) == 0
+    hidden = project.parent / "hidden"
+    project.rename(hidden)
+    try:
+        capsys.readouterr()
+        assert main(_query(index, hidden / "queries.npy", "--search-path", str(tmp_path / "shelf"))) == 2
+        err = capsys.readouterr().err
+        assert "no store under --search-path" in err and "fingerprint" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        hidden.rename(project)

@@ -132,6 +132,14 @@ def add_location_overrides(p: argparse.ArgumentParser) -> None:
         help="where the store's checkpoints are now, once per checkpoint in training order (default: the "
         "recorded paths, or where moving the folder tree put them; each checked by sha256)",
     )
+    p.add_argument(
+        "--search-path",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a folder searched (4 levels deep) for the store or a checkpoint not found where recorded: "
+        "only the store of the recorded fingerprint, a checkpoint of the recorded sha256 is taken (repeatable)",
+    )
 
 
 def add_data_options(p: argparse.ArgumentParser, what: str = "--images") -> None:
@@ -195,7 +203,8 @@ def query_events(args: argparse.Namespace) -> QueryEvents:
 
 
 def open_attributor(args: argparse.Namespace, quiet: bool = False):
-    """The ``Attributor`` over ``--index`` with ``--store``, ``--checkpoint``, ``--query-events``, ``--device``;
+    """The ``Attributor`` over ``--index`` with ``--store``, ``--checkpoint``, ``--search-path``,
+    ``--query-events``, ``--device``;
     progress bars unless ``--no-progress`` or ``quiet`` (e.g. ``--json``, whose stdout is the document)."""
     from retrac.query.attribution import Attributor
 
@@ -203,6 +212,7 @@ def open_attributor(args: argparse.Namespace, quiet: bool = False):
         args.index,
         store=args.store,
         checkpoints=args.checkpoint,
+        search_path=args.search_path,
         query_events=query_events(args),
         device=args.device,
         progress=not (quiet or args.no_progress),

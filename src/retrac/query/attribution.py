@@ -30,7 +30,7 @@ from retrac.query.index.rerank import rerank as rerank_candidates
 from retrac.query.inputs import query_inputs
 from retrac.query.provenance import KERNEL_FILENAME, Kernel, derive_method, kernel_arrays
 from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors
-from retrac.relocate import displaced_path, recorded_path, relative_record
+from retrac.relocate import SearchPath, displaced_path, relative_record
 from retrac.task import DEFAULT_DEVICE
 
 DEFAULT_BLOCK_ROWS = 4096
@@ -299,6 +299,7 @@ class Attributor:
         checkpoints: where the store's checkpoints are now, one per checkpoint in training order
             (default: the recorded paths, or where a move of the store's folder tree put them); each
             is checked against the sha256 recorded at indexing.
+        search_path: folders searched for a store / checkpoint not found where recorded (fingerprint / sha256).
 
     The store defaults to the path recorded in the first manifest, or, when the index and the store
     were moved together, the store's recorded place relative to the index (docs/design.md section 7).
@@ -311,6 +312,7 @@ class Attributor:
     batch_size: int = 8
     progress: bool = True
     checkpoints: list[str | Path] | None = None
+    search_path: list[str | Path] | None = None
 
     def __post_init__(self) -> None:
         from retrac.indexer.featurize import resolve_device
@@ -322,8 +324,8 @@ class Attributor:
         manifests = [_read_manifest(Path(d)) for d in dirs]
         recorded = manifests[0]["store"]
         self._recorded_store_path = recorded["path"]
-        store_path = self.store or recorded_path(recorded["path"], recorded.get("relative_path"), dirs[0])
-        self._store = _open_store(store_path)
+        self._search = SearchPath(self.search_path)
+        self._store = _open_store(self._search.store(self.store, recorded, dirs[0]))
         if self.checkpoints is not None and len(self.checkpoints) != self._store.num_checkpoints:
             raise ConfigError(
                 f"{len(self.checkpoints)} checkpoint paths given for a store of {self._store.num_checkpoints} "
@@ -367,8 +369,8 @@ class Attributor:
         if not path.exists():
             raise CheckpointError(
                 f"checkpoint {k} of the store is not at its recorded path {ckpt.path!r} (nor where moving the "
-                "store's folder tree would have put it); give its place now with --checkpoint (one per "
-                "checkpoint, in training order; checked by sha256)."
+                "store's folder tree would have put it, nor under a --search-path); give its place now with "
+                "--checkpoint (one per checkpoint, in training order; checked by sha256) or --search-path."
             )
         record = self._store.attrs["task"]
         # VAE, text encoder, LoRA base: as recorded, moved with the store; each checked by sha256
@@ -395,7 +397,7 @@ class Attributor:
         """Where checkpoint ``k`` is now: the given override, else its recorded path, moved as the store moved."""
         if self.checkpoints is not None:
             return Path(self.checkpoints[k])
-        return displaced_path(self._store.checkpoints[k].path, self._recorded_store_path, self._store.url)
+        return self._search.checkpoint(self._store, k, self._recorded_store_path)
 
     @property
     def training_data_path(self) -> Path | None:
