@@ -24,7 +24,9 @@ Setup:
   query events 10 x 2.
 * **Configurations** (cheapest first): events ``stratified:S`` for ``S`` in ``--events`` (1, 4, 10,
   32, 100) at ``--dim`` 512 with all checkpoints; ``--dims`` (128, 2048) at ``S = --dim-events`` (10);
-  the last checkpoint alone at ``S = --dim-events``.
+  the last checkpoint alone at ``S = --dim-events``; the ``S = --dim-events`` setting featurized with
+  other seeds (``--featurize-seeds``, 1): how far a method's LDS moves with the random events and
+  projections alone. ``S = 100`` comes last, after the counterfactual check.
 * **Baselines**: pixel similarity (``-L2`` distance or cosine, chosen on validation) and random scores.
 * **Counterfactual check**: for ``--counterfactual-queries`` (8) report-split test samples, remove
   their top ``--counterfactual-k`` (20) proponents under the recommended method and under pixel
@@ -78,15 +80,18 @@ def emit(record: dict) -> None:
 
 @dataclass(frozen=True)
 class Setting:
-    """One featurization setting: events per sample, projection dimension, checkpoints used."""
+    """One featurization setting: events per sample, projection dimension, checkpoints used, and
+    the featurization seed (events and projections; ``None`` = ``--seed``)."""
 
     events: int
     dim: int
     checkpoints: str  # "all" or "last"
+    seed: int | None = None
 
     @property
     def name(self) -> str:
-        return f"S{self.events}-d{self.dim}-{self.checkpoints}"
+        suffix = "" if self.seed is None else f"-seed{self.seed}"
+        return f"S{self.events}-d{self.dim}-{self.checkpoints}{suffix}"
 
 
 def cached_npy(path: Path, compute) -> np.ndarray:
@@ -223,8 +228,9 @@ def setting_scores(
         if all((folder / f"{name}.npy").is_file() for name, _, _ in variants):
             continue
         started = time.perf_counter()
+        seed = args.seed if setting.seed is None else setting.seed
         config = IndexConfig(
-            events=f"stratified:{setting.events}", dim=setting.dim, objective=objective, seed=args.seed
+            events=f"stratified:{setting.events}", dim=setting.dim, objective=objective, seed=seed
         )
         store = featurize_dataset(
             used, pool, out / "stores" / f"{setting.name}-{objective}", config, progress=False
@@ -440,6 +446,12 @@ def main() -> None:
     )
     parser.add_argument("--dim-events", type=int, default=10, help="S of the dim and checkpoint sweeps")
     parser.add_argument(
+        "--featurize-seeds",
+        default="1",
+        help="other featurization seeds (events, projections) of the --dim-events setting: how much a "
+        "method's LDS moves with the random events alone (default: %(default)s)",
+    )
+    parser.add_argument(
         "--kernel-c", default="0.001,0.01,0.1,1", help="kernel c candidates (default: %(default)s)"
     )
     parser.add_argument("--query-events", default="default", choices=["default", "fast", "paper"])
@@ -460,6 +472,7 @@ def main() -> None:
         args.epochs, args.sampling_steps, args.events, args.dims = 2, 20, "1,2", "32"
         args.dim, args.dim_events, args.loss_events, args.bootstrap = 64, 1, "4x1", 100
         args.counterfactual_k, args.counterfactual_queries, args.kernel_c = 3, 2, "0.1,1"
+        args.featurize_seeds = "1"
     torch.set_num_threads(args.threads)
     args.kernel_c = [float(c) for c in args.kernel_c.split(",")]
     events = [int(s) for s in args.events.split(",")]
@@ -499,36 +512,28 @@ def main() -> None:
     settings += [Setting(args.dim_events, args.dim, "last")]
     settings += [Setting(s, args.dim, "all") for s in events if args.dim_events < s <= 32]
     settings += [Setting(args.dim_events, d, "all") for d in dims if d > args.dim]
+    seeds = [int(x) for x in args.featurize_seeds.split(",") if x and int(x) != args.seed]
+    settings += [Setting(args.dim_events, args.dim, "all", seed) for seed in seeds]
     late = [Setting(s, args.dim, "all") for s in events if s > 32]
 
     all_scores: dict[str, dict] = {}
-    result = None
+    checks: dict[str, dict] = {}
 
     def report_now(count: int) -> dict:
         losses = subset_losses(run, images, count)
         evaluator = Evaluator(run.masks()[:count], losses, validation, report, kinds, args.bootstrap)
         result = evaluate(evaluator, all_scores, baselines)
         record = summary(result, count, n_test, len(report))
-        atomic_write_json(out / "results.json", {"summary": record, **result})
+        atomic_write_json(out / "results.json", {"summary": record, **result, "counterfactual": checks})
         atomic_write_text(out / "table.md", markdown(result, count) + "\n")
         emit({"stage": "lds", "settings": list(all_scores), **record})
         return result
 
-    count = min(args.min_subsets, args.subsets)
-    for i, setting in enumerate(settings + late):
-        if setting in late and count < args.subsets:
-            count = args.subsets  # every subset before the most expensive settings
-        all_scores[setting.name] = setting_scores(args, out, setting, checkpoints, pool, images)
-        if i == len(settings) - 1:
-            count = args.subsets
-        result = report_now(count)
-
-    if args.counterfactual_queries:
-        record = summary(result, count, n_test, len(report))
+    def counterfactual(result: dict) -> dict:
+        """Remove the top-k proponents under the default method and under pixel similarity."""
         heads = result["headlines"]
-        method = record["default_method"]
-        variant = heads[method]["variant"]
-        scores = all_scores[heads[method]["setting"]][method][variant]
+        method = summary(result, 0, n_test, len(report))["default_method"]
+        setting, variant = heads[method]["setting"], heads[method]["variant"]
         half = args.counterfactual_queries // 2  # held-out and generated test samples alike
         rows = np.concatenate(
             [
@@ -536,15 +541,15 @@ def main() -> None:
                 np.intersect1d(report, kinds["generated"])[:half],
             ]
         )
+        pixel = result["baselines"]["pixel_nn"]["variant"]
         started = time.perf_counter()
-        checks = {}
-        for name, matrix in (
-            (method, scores),
-            ("pixel_nn", baselines[result["baselines"]["pixel_nn"]["variant"]]),
+        out_checks = {}
+        for name, matrix, label in (
+            (method, all_scores[setting][method][variant], f"{setting} {variant}"),
+            ("pixel_nn", baselines[pixel], pixel),
         ):
-            checks[name] = counterfactual_check(
-                run, matrix[rows], images[rows], args.counterfactual_k, name
-            ).to_dict()
+            check = counterfactual_check(run, matrix[rows], images[rows], args.counterfactual_k, name)
+            out_checks[name] = {"scores": label, **check.to_dict()}
         emit(
             {
                 "stage": "counterfactual",
@@ -553,23 +558,45 @@ def main() -> None:
                 "seconds": round(time.perf_counter() - started, 1),
                 **{
                     f"{n}_{key}": c[key]
-                    for n, c in checks.items()
-                    for key in ("mean_delta_top", "mean_delta_random", "share_top_above_random")
+                    for n, c in out_checks.items()
+                    for key in ("scores", "mean_delta_top", "mean_delta_random", "share_top_above_random")
                 },
             }
         )
-        saved = json.loads((out / "results.json").read_text())
-        saved["counterfactual"] = checks
-        atomic_write_json(out / "results.json", saved)
+        return out_checks
+
+    count = min(args.min_subsets, args.subsets)
+    for setting in settings:
+        all_scores[setting.name] = setting_scores(args, out, setting, checkpoints, pool, images)
+        result = report_now(count)
+    count = args.subsets  # every subset before the counterfactual check and the most expensive settings
+    result = report_now(count)
+    if args.counterfactual_queries:
+        checks.update(counterfactual(result))
+        result = report_now(count)
+    for setting in late:
+        all_scores[setting.name] = setting_scores(args, out, setting, checkpoints, pool, images)
+        result = report_now(count)
+    default = summary(result, count, n_test, len(report))["default_method"]
+    if args.counterfactual_queries and default not in checks:  # the late settings changed the default
+        checks.clear()
+        checks.update(counterfactual(result))
+        result = report_now(count)
 
     print(markdown(result, count), flush=True)
     final = summary(result, count, n_test, len(report))
-    if args.counterfactual_queries:
-        for name, check in checks.items():
-            final[f"counterfactual_{name.replace('+', '_')}"] = {
-                k: check[k]
-                for k in ("k", "n_test", "mean_delta_top", "mean_delta_random", "share_top_above_random")
-            }
+    for name, check in checks.items():
+        final[f"counterfactual_{name.replace('+', '_')}"] = {
+            k: check[k]
+            for k in (
+                "scores",
+                "k",
+                "n_test",
+                "mean_delta_top",
+                "mean_delta_random",
+                "share_top_above_random",
+            )
+        }
     print(json.dumps(final), flush=True)
 
 
