@@ -89,6 +89,28 @@ def test_lds_of_a_score_matrix_equals_the_hand_computed_value():
     assert lds_score("neg", -scores, masks, losses).lds == pytest.approx(-0.8)
 
 
+def test_test_specific_lds_removes_each_subsets_common_effect():
+    masks = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1]], dtype=bool)
+    scores = np.array([[1.0, 2.0, 4.0, 8.0], [3.0, 0.0, 1.0, -1.0]])
+    losses = np.array([[0.9, 0.2], [0.7, 0.4], [0.1, 0.3], [0.5, 0.1]])
+    # centered, two tests: test 0 correlates g0 - g1 = [0, 5, 12, 7] (ranks [1, 2, 4, 3]) with
+    # l1 - l0 = [-.7, -.3, .2, -.4] (ranks [1, 3, 4, 2]): d = [0, -1, 0, 1], rho = 1 - 6 * 2 / 60 = 0.8;
+    # test 1 correlates the negated pair, the same 0.8.
+    np.testing.assert_allclose(linear_datamodeling_scores(scores, masks, losses, centered=True), [0.8, 0.8])
+    result = lds_score("hand", scores, masks, losses, centered=True)
+    assert result.lds == pytest.approx(0.8) and result.centered
+    # Relation: a loss change common to every test sample of a subset moves the LDS, not the
+    # test-specific LDS.
+    shifted = losses + np.array([[0.0], [0.5], [-0.3], [0.2]])
+    assert lds_score("s", scores, masks, shifted).lds != pytest.approx(result.lds)
+    assert lds_score("s", scores, masks, shifted, centered=True).lds == pytest.approx(0.8)
+    # a scoring that is the same for every test sample has no test-specific part
+    with pytest.raises(DataError):
+        lds_score("same", np.repeat(scores[:1], 2, axis=0), masks, losses, centered=True)
+    with pytest.raises(DataError, match="two test samples"):
+        linear_datamodeling_scores(scores[:1], masks, losses[:, :1], centered=True)
+
+
 def test_spearman_matches_scipy_with_ties_and_is_nan_for_a_constant_column():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 4, (20, 3)).astype(float)  # ties
@@ -311,6 +333,7 @@ def test_killed_lds_command_resumes_with_the_same_number(command_setup, tmp_path
     reference = json.loads(capsys.readouterr().out)
     assert reference["models_trained_now"] == 4 and reference["n_test"] == 3
     assert {"mine", "pixel_nn (-L2)", "pixel_nn (cosine)", "random"} <= set(reference["lds"])
+    assert set(reference["lds_test_specific"]) == set(reference["lds"])
 
     (root / "kill").write_text("")
     args = [*_lds_args(root, base, tmp_path / "run", "count-run"), "--scores", f"mine={scores}"]
@@ -325,6 +348,7 @@ def test_killed_lds_command_resumes_with_the_same_number(command_setup, tmp_path
     assert resumed["models_trained_now"] == 3  # subset-000 was reused
     assert (root / "count-run").read_text() == "5"  # 1 + the killed call + 3: no model trained twice
     assert resumed["lds"] == reference["lds"]
+    assert resumed["lds_test_specific"] == reference["lds_test_specific"]
 
 
 def test_command_trainer_errors(tmp_path, digits):

@@ -197,6 +197,11 @@ def run_lds_command(args: argparse.Namespace) -> int:
     scorings["pixel_nn (cosine)"] = pixel_scores(test.images, data.images, "cosine")
     scorings["random"] = random_scores(len(test), len(data), args.seed)
     results = lds_table(scorings, run.masks(), losses, num_resamples=args.bootstrap, seed=args.seed)
+    specific = None
+    if len(test) > 1:
+        specific = lds_table(
+            scorings, run.masks(), losses, num_resamples=args.bootstrap, seed=args.seed, centered=True
+        )
     record = {
         "n_subsets": config.num_subsets,
         "n_test": len(test),
@@ -205,6 +210,7 @@ def run_lds_command(args: argparse.Namespace) -> int:
         "loss_events": config.loss_events.to_dict(),
         "sign": "Spearman of the predicted effect (sum of a subset's scores) with minus the test loss",
         "lds": {r.name: r.to_dict(per_test=True) for r in results},
+        "lds_test_specific": {r.name: r.to_dict(per_test=True) for r in specific or []},
         "models_trained_now": len(run.trained),
     }
     if args.counterfactual_k:
@@ -231,7 +237,9 @@ def run_lds_command(args: argparse.Namespace) -> int:
         f"({len(run.trained)} models trained now, the rest reused)"
     )
     print("LDS = mean over test images of Spearman(sum of the subset's scores, -loss); positive = good")
-    print(format_table(results))
+    if specific:
+        print("test-specific LDS: the same after removing each subset's mean over the test images")
+    print(format_table(results, specific))
     for name, check in record.get("counterfactual", {}).items():
         print(
             f"counterfactual {name}: removing the top-{check['k']} proponents changes the loss by "

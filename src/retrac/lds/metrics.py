@@ -9,6 +9,15 @@ across the subsets of ``g(S; z')`` with ``-L(z'; theta_S)``, per test sample, av
 **Sign**: retrac's scores are positive for proponents, training samples whose gradient step lowers
 the test loss, so a subset with a larger predicted effect should have a *lower* loss: the
 prediction is correlated with **minus** the loss, and a good scoring has a positive LDS.
+
+**Test-specific LDS** (``centered=True``, a diagnostic): the losses of one retrained model share a
+part common to every test sample (some subsets make a better model for all of them), and a
+scoring's common part (its mean over test samples, a per-training-sample "quality") can match it by
+chance; that part moves the LDS of every test sample together, so averaging over test samples does
+not remove it and the bootstrap interval does not show it. Centering both the predicted effects and
+the losses of each subset over the test samples (``g(S; z') - mean_z'' g(S; z'')`` against
+``-(L(z'; theta_S) - mean_z'' L(z''; theta_S))``) keeps only what distinguishes one test sample from
+another.
 """
 
 from __future__ import annotations
@@ -48,13 +57,17 @@ def spearman_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, (rx * ry).sum(axis=0) / denominator, np.nan)
 
 
-def linear_datamodeling_scores(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
+def linear_datamodeling_scores(
+    scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, centered: bool = False
+) -> np.ndarray:
     """The LDS of each test sample.
 
     Args:
         scores: ``(n_test, N)`` scores ``tau(z', z)``, positive = proponent (lowers the test loss).
         masks: ``(M, N)`` bool, subset membership of each training row.
         losses: ``(M, n_test)`` the test losses of the model retrained on each subset.
+        centered: the test-specific LDS: remove each subset's mean over the test samples from the
+            predicted effects and from the losses first (needs at least two test samples).
 
     Returns:
         ``(n_test,)`` Spearman correlation across subsets of ``g(S; z') = sum_{z in S} tau(z', z)``
@@ -76,7 +89,13 @@ def linear_datamodeling_scores(scores: np.ndarray, masks: np.ndarray, losses: np
         row = int(np.argwhere(~np.isfinite(scores))[0, 0])
         raise DataError(f"scores of test sample {row} are not finite; recompute them.")
     predicted = masks.astype(np.float64) @ scores.T  # g(S_m; z'_i) = sum_{z in S_m} tau(z'_i, z), (M, n_test)
-    return spearman_columns(predicted, -losses)  # a proponent lowers the loss: correlate with -L
+    actual = -losses  # a proponent lowers the loss: correlate with -L
+    if centered:
+        if scores.shape[0] < 2:
+            raise DataError("the test-specific (centered) LDS needs at least two test samples.")
+        predicted = predicted - predicted.mean(axis=1, keepdims=True)  # each subset's common effect
+        actual = actual - actual.mean(axis=1, keepdims=True)
+    return spearman_columns(predicted, actual)
 
 
 def bootstrap_interval(
@@ -103,6 +122,7 @@ class LDSScore:
         per_test: ``(n_test,)`` per-test correlations (NaN where undefined).
         num_valid: test samples with a defined correlation (the mean is over these).
         num_subsets: ``M``.
+        centered: whether this is the test-specific LDS.
     """
 
     name: str
@@ -112,6 +132,7 @@ class LDSScore:
     per_test: np.ndarray
     num_valid: int
     num_subsets: int
+    centered: bool = False
 
     def to_dict(self, per_test: bool = False) -> dict:
         record = {
@@ -122,6 +143,7 @@ class LDSScore:
             "n_test": int(self.per_test.size),
             "n_valid": self.num_valid,
             "n_subsets": self.num_subsets,
+            "centered": self.centered,
         }
         if per_test:
             record["per_test"] = [None if np.isnan(v) else float(v) for v in self.per_test]
@@ -136,20 +158,27 @@ def lds_score(
     rows: Sequence[int] | np.ndarray | None = None,
     num_resamples: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
+    centered: bool = False,
 ) -> LDSScore:
     """The LDS of ``scores`` with its bootstrap interval, on the test rows ``rows`` (default all).
+
+    With ``rows``, only those test samples are used (``centered`` centers over them alone, so a
+    validation and a report split stay independent).
 
     Raises:
         DataError: no test sample has a defined correlation (every prediction constant).
     """
-    per_test = linear_datamodeling_scores(scores, masks, losses)
     if rows is not None:
-        per_test = per_test[np.asarray(rows, dtype=np.int64)]
+        rows = np.asarray(rows, dtype=np.int64)
+        scores, losses = np.asarray(scores)[rows], np.asarray(losses)[:, rows]
+    per_test = linear_datamodeling_scores(scores, masks, losses, centered)
     valid = per_test[np.isfinite(per_test)]
     if valid.size == 0:
         raise DataError(f"scoring {name!r} predicts the same effect for every subset on every test sample.")
     low, high = bootstrap_interval(valid, num_resamples, seed=seed)
-    return LDSScore(name, float(valid.mean()), low, high, per_test, int(valid.size), int(masks.shape[0]))
+    return LDSScore(
+        name, float(valid.mean()), low, high, per_test, int(valid.size), int(masks.shape[0]), centered
+    )
 
 
 def lds_table(
@@ -159,18 +188,26 @@ def lds_table(
     rows: Sequence[int] | np.ndarray | None = None,
     num_resamples: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
+    centered: bool = False,
 ) -> list[LDSScore]:
     """:func:`lds_score` of every scoring, in the given order."""
-    return [lds_score(n, s, masks, losses, rows, num_resamples, seed) for n, s in scorings.items()]
+    return [lds_score(n, s, masks, losses, rows, num_resamples, seed, centered) for n, s in scorings.items()]
 
 
-def format_table(results: Sequence[LDSScore]) -> str:
-    """A Markdown table: scoring, LDS and its 95% bootstrap interval, test samples, subsets."""
-    lines = ["| scoring | LDS | 95% CI | n_test | M |", "|---|---:|---|---:|---:|"]
-    for r in results:
-        lines.append(
-            f"| {r.name} | {r.lds:.3f} | [{r.ci_low:.3f}, {r.ci_high:.3f}] | {r.num_valid} | {r.num_subsets} |"
-        )
+def format_table(results: Sequence[LDSScore], centered: Sequence[LDSScore] | None = None) -> str:
+    """A Markdown table: scoring, LDS and its 95% bootstrap interval, test samples, subsets; with
+    ``centered``, the test-specific LDS of the same scorings as two more columns."""
+    extra = " test-specific LDS | 95% CI |" if centered else ""
+    lines = [
+        f"| scoring | LDS | 95% CI |{extra} n_test | M |",
+        "|---|---:|---|" + ("---:|---|" if centered else "") + "---:|---:|",
+    ]
+    for i, r in enumerate(results):
+        cells = f" {r.lds:.3f} | [{r.ci_low:.3f}, {r.ci_high:.3f}] |"
+        if centered:
+            c = centered[i]
+            cells += f" {c.lds:.3f} | [{c.ci_low:.3f}, {c.ci_high:.3f}] |"
+        lines.append(f"| {r.name} |{cells} {r.num_valid} | {r.num_subsets} |")
     return "\n".join(lines)
 
 
