@@ -25,8 +25,13 @@ Setup:
 * **Configurations** (cheapest first): events ``stratified:S`` for ``S`` in ``--events`` (1, 4, 10,
   32, 100) at ``--dim`` 512 with all checkpoints; ``--dims`` (128, 2048) at ``S = --dim-events`` (10);
   the last checkpoint alone at ``S = --dim-events``; the ``S = --dim-events`` setting featurized with
-  other seeds (``--featurize-seeds``, 1): how far a method's LDS moves with the random events and
+  other seeds (``--featurize-seeds``, 1 and 2): how far a method's LDS moves with the random events and
   projections alone. ``S = 100`` comes last, after the counterfactual check.
+* **Test-specific LDS** (``retrac.lds.metrics``): the same correlation after removing each subset's
+  mean over the test samples from the predicted effects and the losses. A retrained model's losses
+  share a part common to every test sample, and a scoring's own common part can match it by chance;
+  that moves every test sample's LDS together, which the bootstrap interval over test samples does
+  not show. The featurization-seed rows show how large that is; the test-specific column is stable.
 * **Baselines**: pixel similarity (``-L2`` distance or cosine, chosen on validation) and random scores.
 * **Counterfactual check**: for ``--counterfactual-queries`` (8) report-split test samples, remove
   their top ``--counterfactual-k`` (20) proponents under the recommended method and under pixel
@@ -37,7 +42,9 @@ kill and rerun the same command to resume. Prints one JSON line per stage, the M
 the last line one JSON object with ``lds_default`` (the method with the best validation LDS at its
 validation-chosen setting), ``lds_pixel_nn``, ``lds_tracin``, ``lds_retrac``, ``lds_trak``,
 ``lds_dtrak``, ``lds_retrac_kernel`` (each at its validation-chosen setting, report split, with
-``*_ci``), ``n_subsets``, ``n_test`` and the ratio ``lds_default / lds_pixel_nn``.
+``*_ci``), ``n_subsets``, ``n_test`` and the ratio ``lds_default / lds_pixel_nn``; the
+``*_test_specific`` keys repeat the figures for the test-specific LDS (each chosen on its own
+validation figure), and ``featurize_seeds`` holds each family's LDS under both featurization seeds.
 
 Usage::
 
@@ -315,76 +322,124 @@ class Evaluator:
         self.validation, self.report, self.kinds = validation, report, kinds
         self.bootstrap = bootstrap
 
-    def validation_lds(self, scores: np.ndarray) -> float:
-        return lds_score("v", scores, self.masks, self.losses, self.validation, num_resamples=10).lds
+    def validation_lds(self, scores: np.ndarray, centered: bool = False) -> float:
+        return lds_score(
+            "v", scores, self.masks, self.losses, self.validation, num_resamples=10, centered=centered
+        ).lds
 
-    def report_record(self, name: str, scores: np.ndarray) -> dict:
-        result = lds_score(name, scores, self.masks, self.losses, self.report, num_resamples=self.bootstrap)
+    def report_record(self, name: str, scores: np.ndarray, centered: bool = False) -> dict:
+        """Report-split LDS (or test-specific LDS) with its interval, by test kind, and on validation."""
+        result = lds_score(
+            name, scores, self.masks, self.losses, self.report, self.bootstrap, centered=centered
+        )
         record = {
             "lds": result.lds,
             "ci": [result.ci_low, result.ci_high],
-            "validation_lds": self.validation_lds(scores),
+            "validation_lds": self.validation_lds(scores, centered),
         }
         for kind, rows in self.kinds.items():
             rows = np.intersect1d(rows, self.report)
             record[f"lds_{kind}"] = lds_score(
-                name, scores, self.masks, self.losses, rows, num_resamples=10
+                name, scores, self.masks, self.losses, rows, num_resamples=10, centered=centered
             ).lds
         return record
 
-    def best_variant(self, variants: dict[str, np.ndarray]) -> tuple[str, float]:
-        """The variant (kernel c) with the best validation LDS."""
-        values = {name: self.validation_lds(s) for name, s in variants.items()}
-        name = max(values, key=values.get)
-        return name, values[name]
+    def best_variant(self, variants: dict[str, np.ndarray], centered: bool = False) -> str:
+        """The variant (kernel c, pixel similarity) with the best validation LDS."""
+        values = {name: self.validation_lds(s, centered) for name, s in variants.items()}
+        return max(values, key=values.get)
+
+    def chosen_record(self, name: str, variants: dict[str, np.ndarray]) -> dict:
+        """Report records of the validation-chosen variant, for the LDS and the test-specific LDS."""
+        chosen, specific = self.best_variant(variants), self.best_variant(variants, centered=True)
+        return {
+            "variant": chosen,
+            **self.report_record(name, variants[chosen]),
+            "test_specific": {
+                "variant": specific,
+                **self.report_record(name, variants[specific], centered=True),
+            },
+        }
 
 
 def evaluate(evaluator: Evaluator, all_scores: dict[str, dict], baselines: dict[str, np.ndarray]) -> dict:
-    """Per setting and family: the validation-chosen variant and its report LDS; the headlines."""
-    table: dict[str, dict] = {}
-    for setting, families in all_scores.items():
-        table[setting] = {}
-        for family, variants in families.items():
-            chosen, _ = evaluator.best_variant(variants)
-            table[setting][family] = {"variant": chosen, **evaluator.report_record(family, variants[chosen])}
-    headlines = {}
+    """Per setting and family: the validation-chosen variant and its report LDS (and test-specific
+    LDS, chosen on its own validation figure); each family's headline setting; the baselines; and
+    how far each family moves between featurization seeds of one setting."""
+    table = {
+        setting: {family: evaluator.chosen_record(family, variants) for family, variants in families.items()}
+        for setting, families in all_scores.items()
+    }
+    headlines, headlines_specific = {}, {}
     for family in FAMILIES:
         setting = max(table, key=lambda s, f=family: table[s][f]["validation_lds"])
         headlines[family] = {"setting": setting, **table[setting][family]}
-    pixel_kind, _ = evaluator.best_variant({k: v for k, v in baselines.items() if k.startswith("pixel")})
+        setting = max(table, key=lambda s, f=family: table[s][f]["test_specific"]["validation_lds"])
+        headlines_specific[family] = {"setting": setting, **table[setting][family]["test_specific"]}
+    pixels = {k: v for k, v in baselines.items() if k.startswith("pixel")}
     base = {
-        "pixel_nn": {"variant": pixel_kind, **evaluator.report_record("pixel", baselines[pixel_kind])},
-        "random": evaluator.report_record("random", baselines["random"]),
+        "pixel_nn": evaluator.chosen_record("pixel", pixels),
+        "random": {
+            **evaluator.report_record("random", baselines["random"]),
+            "test_specific": evaluator.report_record("random", baselines["random"], centered=True),
+        },
     }
-    return {"table": table, "headlines": headlines, "baselines": base}
+    seeds = {}
+    for setting in table:
+        head, sep, seed = setting.rpartition("-seed")
+        if sep and head in table:
+            seeds[setting] = {
+                family: {
+                    "lds": [table[head][family]["lds"], table[setting][family]["lds"]],
+                    "test_specific": [
+                        table[head][family]["test_specific"]["lds"],
+                        table[setting][family]["test_specific"]["lds"],
+                    ],
+                }
+                for family in FAMILIES
+            }
+    return {
+        "table": table,
+        "headlines": headlines,
+        "headlines_test_specific": headlines_specific,
+        "baselines": base,
+        "featurize_seeds": seeds,
+    }
+
+
+def _c(variant: str) -> str:
+    return variant.rpartition("-c")[2] if "-c" in variant else ""
 
 
 def markdown(result: dict, n_subsets: int) -> str:
     lines = [
-        f"LDS on the report split ({n_subsets} subsets; 95% bootstrap CI; kernel c chosen on validation)",
+        f"LDS on the report split ({n_subsets} subsets, 50 test samples; 95% bootstrap CI over test samples; "
+        "kernel c chosen on the validation split, separately for each column)",
         "",
-        "| setting | method | c | LDS | 95% CI | held-out | generated |",
-        "|---|---|---|---:|---|---:|---:|",
+        "| setting | method | c | LDS | 95% CI | held-out | generated | c | test-specific LDS | 95% CI |",
+        "|---|---|---|---:|---|---:|---:|---|---:|---|",
     ]
+
+    def row(setting: str, label: str, r: dict) -> str:
+        t = r["test_specific"]
+        return (
+            f"| {setting} | {label} | {_c(r.get('variant', ''))} | {r['lds']:.3f} | "
+            f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['lds_heldout']:.3f} | {r['lds_generated']:.3f} | "
+            f"{_c(t.get('variant', ''))} | {t['lds']:.3f} | [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] |"
+        )
+
     for setting, families in result["table"].items():
-        for family, r in families.items():
-            c = r["variant"].rpartition("-c")[2] if "-c" in r["variant"] else ""
-            lines.append(
-                f"| {setting} | {family} | {c} | {r['lds']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "
-                f"{r['lds_heldout']:.3f} | {r['lds_generated']:.3f} |"
-            )
+        lines.extend(row(setting, family, r) for family, r in families.items())
     for name, r in result["baselines"].items():
         label = f"{name} ({r['variant']})" if "variant" in r else name
-        lines.append(
-            f"| - | {label} | | {r['lds']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "
-            f"{r['lds_heldout']:.3f} | {r['lds_generated']:.3f} |"
-        )
+        lines.append(row("-", label, r))
     return "\n".join(lines)
 
 
 def summary(result: dict, n_subsets: int, n_test: int, n_report: int) -> dict:
-    heads, base = result["headlines"], result["baselines"]
+    heads, specific, base = result["headlines"], result["headlines_test_specific"], result["baselines"]
     default = max(heads, key=lambda f: heads[f]["validation_lds"])
+    default_specific = max(specific, key=lambda f: specific[f]["validation_lds"])
     best = max(heads, key=lambda f: heads[f]["lds"])
     record = {
         "default_method": default,
@@ -406,6 +461,17 @@ def summary(result: dict, n_subsets: int, n_test: int, n_report: int) -> dict:
     record["ratio_default_to_pixel_nn"] = (
         record["lds_default"] / record["lds_pixel_nn"] if record["lds_pixel_nn"] > 0 else None
     )
+    record["default_method_test_specific"] = default_specific
+    record["default_setting_test_specific"] = specific[default_specific]["setting"]
+    for family in FAMILIES:
+        key = "lds_" + family.replace("+", "_") + "_test_specific"
+        record[key] = specific[family]["lds"]
+        record[key + "_ci"] = specific[family]["ci"]
+        record[key + "_setting"] = f"{specific[family]['setting']} {specific[family]['variant']}"
+    record["lds_pixel_nn_test_specific"] = base["pixel_nn"]["test_specific"]["lds"]
+    record["lds_pixel_nn_test_specific_ci"] = base["pixel_nn"]["test_specific"]["ci"]
+    record["lds_random_test_specific"] = base["random"]["test_specific"]["lds"]
+    record["featurize_seeds"] = result["featurize_seeds"]
     record.update(
         {"n_subsets": n_subsets, "n_test": n_test, "n_report": n_report, "n_validation": n_test - n_report}
     )
@@ -447,7 +513,7 @@ def main() -> None:
     parser.add_argument("--dim-events", type=int, default=10, help="S of the dim and checkpoint sweeps")
     parser.add_argument(
         "--featurize-seeds",
-        default="1",
+        default="1,2",
         help="other featurization seeds (events, projections) of the --dim-events setting: how much a "
         "method's LDS moves with the random events alone (default: %(default)s)",
     )
