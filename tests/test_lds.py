@@ -389,3 +389,11 @@ def test_index_scores_cover_every_training_sample_and_match_the_top_k(tmp_path, 
     top = Attributor(tmp_path / "tracin", query_events=events, progress=False).attribute(test.images, k=3)
     np.testing.assert_array_equal(np.argsort(-scores, axis=1, kind="stable")[:, :3], top.indices)
     np.testing.assert_allclose(np.sort(scores, axis=1)[:, ::-1][:, :3], top.scores, rtol=1e-6)
+
+    # indexes of two stores (dtrak needs a sqnorm store) are scored together, one Attributor per store
+    sqnorm = IndexConfig(events="stratified:1", projector="dense", dim=16, objective="sqnorm")
+    other = featurize_dataset([str(checkpoint)], train, tmp_path / "sqnorm", sqnorm, progress=False)
+    build_attribution_index(other, tmp_path / "dtrak", "dtrak", index="flat", progress=False)
+    both = index_scores([tmp_path / "tracin", tmp_path / "dtrak"], test.images, query_events=events)
+    assert set(both) == {"tracin", "dtrak"} and both["dtrak"].shape == (3, 12)
+    np.testing.assert_array_equal(both["tracin"], scores)

@@ -289,19 +289,40 @@ def index_scores(
     device: str = "cpu",
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """:func:`attributor_scores` of index folders built from one store (``index="flat"``).
+    """:func:`attributor_scores` of index folders (``index="flat"``), one ``Attributor`` per store.
+
+    Indexes built from one store share its query-gradient pass; indexes of different stores (a
+    ``loss`` store for tracin / retrac / trak, a ``sqnorm`` store for dtrak) are grouped by the
+    store their manifest records.
 
     Args:
         indexes: index folders (``build_attribution_index(..., index="flat")``), one per method.
         images: ``(n, C, H, W)`` test images.
+        store: the store of every index (default: the one each manifest records).
         query_events: :class:`~retrac.query.attribution.QueryEvents` (default 10 x 2).
 
     Returns:
         ``{method: (n, N) float64}``, positive = proponent.
+
+    Raises:
+        ConfigError: two indexes of one method name.
     """
+    from retrac._io import read_json
     from retrac.query.attribution import Attributor, QueryEvents
 
-    attributor = Attributor(
-        indexes, store=store, query_events=query_events or QueryEvents(), device=device, progress=progress
-    )
-    return attributor_scores(attributor, images, class_labels)
+    folders = [indexes] if isinstance(indexes, (str, Path)) else list(indexes)
+    groups: dict[str, list] = {}
+    for folder in folders:
+        manifest = read_json(Path(folder) / "manifest.json", "index manifest", DataError)
+        key = str(store) if store is not None else str(manifest.get("store", {}).get("path"))
+        groups.setdefault(key, []).append(folder)
+    out: dict[str, np.ndarray] = {}
+    for group in groups.values():
+        attributor = Attributor(
+            group, store=store, query_events=query_events or QueryEvents(), device=device, progress=progress
+        )
+        for method, scores in attributor_scores(attributor, images, class_labels).items():
+            if method in out:
+                raise ConfigError(f"two indexes of method {method!r}; give one index per method.")
+            out[method] = scores
+    return out
