@@ -21,24 +21,39 @@ SHARD_ARRAYS = ("features", "norms", "timesteps", "valid")  # the order the shar
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
+def _ids_sha256(chunks) -> tuple[str, int]:
+    """sha256 of the canonical JSON list of the ids given chunk by chunk, and how many there were."""
+    digest, count = hashlib.sha256(b"["), 0
+    for chunk in chunks:
+        items = [str(i) for i in chunk]
+        if items:  # one chunk's JSON list without its brackets, joined to the previous chunk by a comma
+            text = json.dumps(items, separators=(",", ":"))[1:-1]
+            digest.update((b"," if count else b"") + text.encode())
+            count += len(items)
+    digest.update(b"]")
+    return digest.hexdigest(), count
+
+
 def ids_digest(ids) -> str:
     """sha256 of the canonical JSON list of the sample ids (recorded as ``integrity.ids_sha256``)."""
-    return hashlib.sha256(json.dumps([str(i) for i in ids], separators=(",", ":")).encode()).hexdigest()
+    return _ids_sha256([ids])[0]
 
 
-def streamed_ids_problem(group, num_samples: int, attrs: dict, chunk_rows: int = 1 << 16) -> str | None:
-    """Why the store's ``ids`` array fails :func:`ids_digest` (``None``: whole), read chunk by chunk."""
+def unreadable_ids(error: Exception) -> str:
+    """The problem reported when the ids array cannot be read."""
+    return f"the ids cannot be read ({type(error).__name__}: {error})"
+
+
+def ids_digest_problem(chunks, num_samples: int, attrs: dict) -> str | None:
+    """Why the ids given chunk by chunk fail the digest recorded in ``attrs`` (``None``: whole).
+
+    ``chunks`` may be a lazy reader: an error while reading it is reported as unreadable ids.
+    """
     try:
-        array = group["ids"]
-        digest, count = hashlib.sha256(b"["), 0
-        for start in range(0, array.shape[0], chunk_rows):
-            for sample_id in array[start : start + chunk_rows]:
-                digest.update((b"," if count else b"") + json.dumps(str(sample_id)).encode())
-                count += 1
-        digest.update(b"]")
+        digest, count = _ids_sha256(chunks)
     except Exception as exc:  # a missing array or a truncated chunk
-        return f"the ids cannot be read ({type(exc).__name__}: {exc})"
-    if count != num_samples or digest.hexdigest() != (attrs.get("integrity") or {}).get("ids_sha256"):
+        return unreadable_ids(exc)
+    if count != num_samples or digest != (attrs.get("integrity") or {}).get("ids_sha256"):
         return "the ids do not match their recorded sha256 (a changed or missing ids chunk)"
     return None
 

@@ -61,10 +61,11 @@ from retrac.indexer.config import IndexConfig
 from retrac.indexer.create import create_local, create_remote
 from retrac.indexer.integrity import (
     ids_digest,
+    ids_digest_problem,
     index_command,
     ledger_entry_problem,
     shard_digest,
-    streamed_ids_problem,
+    unreadable_ids,
 )
 from retrac.indexer.layout import checkpoint_group, shard_arrays
 from retrac.indexer.location import LocalLocation, ObjectLocation, open_location
@@ -229,30 +230,30 @@ class FeatureStore:
             StoreDamagedError: the ids cannot be read or differ from the ones the store was made with.
         """
         if self._ids is None:
-            ids, problem = self._read_ids()
-            if problem:
-                raise StoreDamagedError(f"store {self.url!r} is damaged: {problem}; {self.recompute_hint()}")
+            try:
+                ids = [str(i) for i in self._group["ids"][:]]
+                problem = ids_digest_problem([ids], self.num_samples, self.attrs)
+            except Exception as exc:  # a missing array or a truncated chunk
+                problem = unreadable_ids(exc)
+            self._raise_if_damaged_ids(problem)  # raises whenever there is a problem, so ids is bound below
             self._ids = ids
         return self._ids
 
-    def _read_ids(self) -> tuple[list[str], str | None]:
-        """``(ids, problem)``: the stored ids and why they cannot be trusted (``None`` when whole)."""
-        try:
-            ids = [str(i) for i in self._group["ids"][:]]
-        except Exception as exc:  # a missing array or a truncated chunk
-            return [], f"the ids cannot be read ({type(exc).__name__}: {exc})"
-        recorded = (self.attrs.get("integrity") or {}).get("ids_sha256")
-        if len(ids) != self.num_samples or ids_digest(ids) != recorded:
-            return ids, "the ids do not match their recorded sha256 (a changed or missing ids chunk)"
-        return ids, None
+    def ids_problem(self, chunk_rows: int = 1 << 16) -> str | None:
+        """Why the stored ids cannot be trusted (``None``: they match their digest); streamed by chunks."""
 
-    def ids_problem(self) -> str | None:
-        """Why the stored ids cannot be trusted (``None``: they match their recorded digest)."""
-        return self._read_ids()[1]
+        def read():
+            array = self._group["ids"]
+            for start in range(0, array.shape[0], chunk_rows):
+                yield array[start : start + chunk_rows]
+
+        return ids_digest_problem(read(), self.num_samples, self.attrs)
 
     def check_ids(self) -> None:
-        """:attr:`ids`' digest check, streamed (memory: one chunk of ids); raises StoreDamagedError."""
-        problem = streamed_ids_problem(self._group, self.num_samples, self.attrs)
+        """:meth:`ids_problem` as an error: raises StoreDamagedError naming the command that repairs it."""
+        self._raise_if_damaged_ids(self.ids_problem())
+
+    def _raise_if_damaged_ids(self, problem: str | None) -> None:
         if problem:
             raise StoreDamagedError(f"store {self.url!r} is damaged: {problem}; {self.recompute_hint()}")
 
