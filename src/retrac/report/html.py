@@ -25,14 +25,21 @@ th { background: #f4f4f4; }
 """
 
 
-def save_png(image: Tensor | np.ndarray, path: str | Path, size: int = 64) -> Path:
-    """Write one image ``(C, H, W)`` in ``[-1, 1]`` as a PNG scaled (nearest) to ``size`` pixels high."""
+def pil_image(image: Tensor | np.ndarray):
+    """One image ``(C, H, W)`` in ``[-1, 1]`` as an 8-bit PIL image (grayscale, or its first 3 channels)."""
     from PIL import Image
 
     array = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
     array = ((np.clip(array, -1, 1) + 1) * 127.5).round().astype(np.uint8)
     array = array[0] if array.shape[0] == 1 else np.moveaxis(array[:3], 0, -1)
-    picture = Image.fromarray(array)
+    return Image.fromarray(array)
+
+
+def save_png(image: Tensor | np.ndarray, path: str | Path, size: int = 64) -> Path:
+    """Write one image ``(C, H, W)`` in ``[-1, 1]`` as a PNG scaled (nearest) to ``size`` pixels high."""
+    from PIL import Image
+
+    picture = pil_image(image)
     scale = max(1, size // picture.height)
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     return atomic_write_via(path, lambda temporary: picture.save(temporary, format="PNG"))

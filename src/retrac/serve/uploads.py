@@ -17,6 +17,7 @@ from torch import Tensor
 
 from retrac.data import images_from_array
 from retrac.errors import DataError
+from retrac.report.html import pil_image
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -128,10 +129,7 @@ def png_bytes(image: Tensor | np.ndarray, min_height: int = 64) -> bytes:
     """One ``(C, H, W)`` image in ``[-1, 1]`` as PNG bytes, scaled up (nearest) to ``min_height``."""
     from PIL import Image
 
-    array = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
-    array = ((np.clip(array, -1, 1) + 1) * 127.5).round().astype(np.uint8)
-    array = array[0] if array.shape[0] == 1 else np.moveaxis(array[:3], 0, -1)
-    picture = Image.fromarray(array)
+    picture = pil_image(image)
     scale = max(1, -(-min_height // picture.height))
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
