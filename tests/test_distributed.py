@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -80,30 +79,47 @@ def environment(**extra) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(sys.path), **extra}
 
 
-def test_torchrun_two_workers_equal_one_process_bit_for_bit(world, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun is not installed next to this python")
+def test_launch_two_torchrun_workers_equal_one_process_bit_for_bit(world, tmp_path):
+    """``retrac index --launch 2`` runs torchrun's module (``torchrun --nproc-per-node 2 -m retrac index ...
+    --shard auto``, the documented launcher) and exits with its status; the store equals one process's."""
     threads = max(1, available_cores() // 2)  # the default of each of 2 local workers
     single = tmp_path / "single"
     assert main(index_args(world, single, "--threads", str(threads))) == 0
     out = tmp_path / "torchrun"
-    command = [
-        torchrun,
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "retrac",
-        *index_args(world, out, "--shard", "auto"),
-    ]
+    command = [sys.executable, "-m", "retrac", *index_args(world, out, "--launch", "2")]
     done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    launched = next(line for line in done.stderr.splitlines() if "launching 2 workers" in line)
+    assert "-m torch.distributed.run --standalone --nproc-per-node 2 -m retrac index" in launched
+    assert launched.endswith("--shard auto") and "--launch" not in launched  # workers steal shards
     assert done.stdout.count("complete") == 2  # each worker waits until the store is whole
     assert f"{threads} torch threads" in done.stdout  # cores / LOCAL_WORLD_SIZE by default
     store = FeatureStore.open(out)
     assert store.is_complete
     assert tree_bytes(out) == tree_bytes(single)  # no claim is left behind either
+    # a worker's failure is the launcher's exit status: 2 for bad input, one line each, no traceback
+    failing = [sys.executable, "-m", "retrac", *index_args(world, tmp_path / "bad", "--launch=2")]
+    failing[failing.index(str(world["npz"]))] = str(tmp_path / "missing.npz")
+    failed = subprocess.run(failing, env=environment(), capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "missing.npz' does not exist" in failed.stderr and "exited with status 2" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+def test_launch_refuses_a_static_split_and_a_memory_store(world, tmp_path, capsys):
+    assert main(index_args(world, tmp_path / "a", "--launch", "2", "--shard", "0/2")) == 2
+    assert "--launch starts --shard auto workers itself" in capsys.readouterr().err
+    assert main(index_args(world, "memory://x", "--launch", "2")) == 2
+    assert "memory:// store lives in one process" in capsys.readouterr().err
+    assert main(index_args(world, tmp_path / "b", "--launch", "0")) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_worker_arguments_drop_every_spelling_of_launch():
+    from retrac.cli.launch import worker_arguments
+
+    argv = ["index", "--out", "s", "--launch", "2", "--lau=3", "--layout", "full", "--launc", "4"]
+    assert worker_arguments(argv) == ["index", "--out", "s", "--layout", "full"]
 
 
 DYING_WORKER = """

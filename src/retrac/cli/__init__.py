@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(
+        sys.argv[1:] if argv is None else argv
+    )  # as given (retrac index --launch passes them on)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(args.command, warnings.showwarning)

@@ -23,7 +23,7 @@ def add_index_command(sub) -> None:
         "training sample z, event e and checkpoint k, into a resumable, sharded Zarr store. Rerun the same "
         "command to resume; run it with --shard I/N in N processes to split the work, or with --shard auto in "
         "any number of workers (torchrun --nproc-per-node N -m retrac index ... --shard auto) that claim shards "
-        "from one another. --out may be a folder or an s3://, gs://, memory:// or file:// URL.",
+        "from one another (or let --launch N start N local workers that way). --out may be a folder or an s3://, gs://, memory:// or file:// URL.",
     )
     p.add_argument(
         "--checkpoint",
@@ -94,6 +94,15 @@ def add_index_command(sub) -> None:
         "stealing, claim unfinished shards until the store is complete (torchrun, several machines)",
     )
     p.add_argument(
+        "--launch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start N local workers through torchrun (python -m torch.distributed.run --standalone "
+        "--nproc-per-node N -m retrac index <these options> --shard auto), wait for them and exit with the first failed one's "
+        "status (0 when all succeed); each gets cores / N torch threads unless --threads says otherwise",
+    )
+    p.add_argument(
         "--lease",
         type=float,
         default=DEFAULT_LEASE_SECONDS,
@@ -149,7 +158,11 @@ def _run_index(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude),
         shard_rows=args.shard_rows,
         layout=args.layout,
-    )
+    )  # checked here, before any worker is launched
+    if args.launch is not None:
+        from retrac.cli.launch import launch_workers
+
+        return launch_workers(args.argv, args.launch, args.shard, args.out, args.threads)
     # each local worker gets cores / local_world_size threads unless --threads says otherwise
     threads = args.threads if args.threads is not None else default_threads(args.shard)
     data = args.data
