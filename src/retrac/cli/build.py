@@ -46,6 +46,14 @@ def add_build_command(sub) -> None:
     )
     p.add_argument("--out", required=True, help="the index folder")
     p.add_argument(
+        "--part",
+        default=None,
+        metavar="I/N",
+        help="index only the I-th (from 0) of N contiguous row ranges of the store, for an index split over "
+        "machines: build every I of 0..N-1 (e.g. --out index/part-I) and give the parts (or their folder, or "
+        "their `retrac serve --search-only` URLs) to retrac query; results name store rows either way",
+    )
+    p.add_argument(
         "--max-memory",
         type=parse_size,
         default=None,
@@ -75,10 +83,17 @@ def _run_build(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         max_memory=args.max_memory,
+        part=args.part,
     )
     recall = f", recall@10 vs flat {built.recall['recall_at_10']:.3f}" if built.recall else ""
     on_disk = ", inverted lists on disk (index.ivfdata)" if built.build_params.get("on_disk") else ""
+    part = ""
+    if args.part is not None:
+        from retrac.query.index import read_manifest
+        from retrac.query.partition import IndexPart
+
+        part = f" ({IndexPart.from_manifest(read_manifest(args.out)).label} of the store)"
     print(
-        f"index {args.out}: {built.num_vectors} vectors x {built.dim} dims, {built.factory}{recall}{on_disk}"
+        f"index {args.out}{part}: {built.num_vectors} vectors x {built.dim} dims, {built.factory}{recall}{on_disk}"
     )
     return 0

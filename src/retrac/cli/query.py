@@ -28,7 +28,8 @@ def add_query_command(sub) -> None:
         "--index",
         required=True,
         action="append",
-        help="an index folder (repeatable, one per method)",
+        help="an index folder (repeatable, one per method); the parts of an index (retrac build --part I/N), "
+        "a folder of parts, or part server URLs (http://HOST:PORT, retrac serve --search-only) are merged per method",
     )
     p.add_argument(
         "--images",

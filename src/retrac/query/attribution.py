@@ -1,10 +1,10 @@
-"""Building attribution indexes from a store, and the Attributor that answers queries against them.
+"""The Attributor that answers queries against attribution indexes (and the names of building them).
 
-``build_attribution_index`` streams the train vectors ``U(z) = concat_k(w_k u_k(z))`` of a method
-out of a feature store into a FAISS inner-product index (and, with the kernel, accumulates
-``Phi_k^T Phi_k`` in blocks and saves the preconditioners beside the index). ``Attributor`` loads
-the task, checkpoints, projectors and indexes once and answers many queries with the *same*
-gradient code path as the indexer (``retrac.projection.projected_gradients``).
+``build_attribution_index`` (``retrac.query.building``) streams the train vectors
+``U(z) = concat_k(w_k u_k(z))`` of a method out of a feature store into a FAISS inner-product index,
+over every row or one part of them. ``Attributor`` loads the task, checkpoints, projectors and
+indexes (whole, or parts merged by ``retrac.query.parts``) once and answers many queries with the
+*same* gradient code path as the indexer (``retrac.projection.projected_gradients``).
 """
 
 from __future__ import annotations
@@ -13,33 +13,35 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrac._io import read_json
 from retrac.errors import CheckpointError, ConfigError, DataError
 from retrac.events import derive_seed, noise_from_seed
 from retrac.indexer.rows import train_vector_rows
 from retrac.projection import projected_gradients
-from retrac.query.index import SearchIndex, build_index, load_index, save_index
+from retrac.query.building import (  # noqa: F401 - the names this module has always offered
+    DEFAULT_BLOCK_ROWS,
+    DEFAULT_INDEX_KIND,
+    DEFAULT_SEARCH_DEVICE,
+    build_attribution_index,
+    open_complete_store,
+    train_vector_blocks,
+)
 from retrac.query.index.rerank import rerank as rerank_candidates
 from retrac.query.inputs import query_inputs
-from retrac.query.provenance import KERNEL_FILENAME, Kernel, derive_method, kernel_arrays
-from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method, query_vectors
-from retrac.relocate import SearchPath, displaced_path, relative_record
+from retrac.query.parts import LoadedIndex, load_indexes, open_sources
+from retrac.query.vectors import query_vectors
+from retrac.relocate import SearchPath, displaced_path
 from retrac.task import DEFAULT_DEVICE
 
-DEFAULT_BLOCK_ROWS = 4096
 RERANK_EF_SEARCH = 256  # HNSW candidate list when re-ranking (see Attributor.attribute)
 QUERY_PRESETS = {"default": (10, 2), "fast": (4, 1), "paper": (100, 16)}  # name: (T_q, M)
 DEFAULT_QUERY_PRESET = "default"
 DEFAULT_TOP_K = 10
-DEFAULT_INDEX_KIND = "auto"  # see retrac.query.index.auto_factory
-DEFAULT_SEARCH_DEVICE = "auto"  # faiss: all GPUs when faiss-gpu sees one, else the CPU
 
 
 @dataclass(frozen=True)
@@ -92,122 +94,6 @@ class QueryEvents:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _store_vectors(store, method: Method, k: int, block_rows: int):
-    """Yield ``(start, u_k)`` blocks of checkpoint ``k``: ``u_k`` is ``(n, d)`` float32, unweighted."""
-    yield from store.vector_blocks(k, method.vectors, block_rows)  # full or compact store alike
-
-
-def train_vector_blocks(store, method: Method, block_rows: int = DEFAULT_BLOCK_ROWS):
-    """Stream ``U(z) = concat_k(w_k u_k(z))`` of ``method`` in row blocks ``(n, K * d)`` float32.
-
-    Only one block of every checkpoint is in memory at a time.
-    """
-    weights = np.asarray(store.weights, dtype=np.float32)
-    streams = [_store_vectors(store, method, k, block_rows) for k in range(store.num_checkpoints)]
-    for parts in zip(*streams, strict=True):
-        yield np.concatenate([w * u for w, (_, u) in zip(weights, parts, strict=True)], axis=1)
-
-
-def _open_store(store):
-    from retrac.indexer.store import FeatureStore
-
-    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-    store.require_complete()
-    return store
-
-
-def build_attribution_index(
-    store,
-    out: str | Path,
-    method: str | Method = DEFAULT_METHOD,
-    kernel: float | None = None,
-    index: str = DEFAULT_INDEX_KIND,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
-    device: str = DEFAULT_SEARCH_DEVICE,
-    progress: bool = True,
-    max_memory: int | None = None,
-) -> SearchIndex:
-    """Build the FAISS inner-product index of ``method`` over a complete feature store.
-
-    The store is streamed (one block per checkpoint in memory); ``max_memory`` bounds what the index
-    holds in RAM: ``auto`` picks what fits, and IVF lists beyond it are written to disk and
-    memory-mapped at query (``retrac.query.index.ondisk``). Default: half the machine's RAM.
-
-    Args:
-        store: a ``FeatureStore`` or its path.
-        out: the index directory (FAISS file, ``manifest.json`` and, with a kernel, ``kernel.npz``).
-        method: ``tracin``, ``retrac``, ``trak``, ``dtrak`` or a :class:`Method`.
-        kernel: ``c`` of the kernel (turns it on for tracin / retrac; default 0.1 for trak / dtrak).
-        index: ``auto``, ``flat``, ``ivf``, ``hnsw`` or a FAISS factory string.
-        block_rows: rows of the store read at a time.
-
-    Returns:
-        The built ``SearchIndex``; its manifest records the method, the store fingerprint, the
-        checkpoints' sha256 and weights, and the kernel's ``lambda_k``.
-    """
-    store = _open_store(store)
-    method = method if isinstance(method, Method) else Method.named(method, kernel)
-    method.check_objective(store.config.objective)
-    store.check_ids()  # streamed: an index must name its rows with the ids the store was made with
-    out = Path(out)
-    kernel_record, files = None, {}
-    if method.uses_kernel:
-        # Kernel: (Phi_k^T Phi_k + lambda_k I)^-1, Phi_k the stacked u_k, accumulated block by block.
-        inverses, lambdas = [], []
-        for k in tqdm(range(store.num_checkpoints), desc="kernel", disable=not progress):
-            acc = KernelAccumulator(store.dim)
-            for _, u in _store_vectors(store, method, k, block_rows):
-                acc.add(u)
-            inverse, lam = acc.preconditioner(method.kernel_c)
-            inverses.append(inverse)
-            lambdas.append(lam)
-        kernel = Kernel(method.kernel_c, np.asarray(lambdas), np.stack(inverses))
-        files[KERNEL_FILENAME] = lambda path: _save_npz(path, kernel_arrays(kernel))
-        kernel_record = {"c": method.kernel_c, "lambdas": lambdas, "file": KERNEL_FILENAME}
-    dim = store.dim * store.num_checkpoints
-    built = build_index(
-        lambda: tqdm(
-            train_vector_blocks(store, method, block_rows),
-            desc=f"index {method.name}",
-            total=-(-store.num_samples // block_rows),
-            disable=not progress,
-        ),
-        num_vectors=store.num_samples,
-        dim=dim,
-        kind=index,
-        device=device,
-        memory_budget_bytes=max_memory,
-    )
-    manifest = _manifest(store, method, kernel_record)
-    # where the store is relative to this index, when both lie under one root: the tree can move
-    manifest["store"]["relative_path"] = relative_record(store.url, out)
-    save_index(built, out, manifest, files=files)  # one folder, one rename
-    return built
-
-
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as handle:  # a handle: np.savez would append .npz to a path
-        np.savez(handle, **arrays)
-
-
-def _manifest(store, method: Method, kernel_record: dict | None) -> dict:
-    return {
-        "method": method.to_dict(),
-        "kernel": kernel_record,
-        "store": {
-            "path": store.url,  # an absolute local path, or the s3:// gs:// memory:// URL
-            "fingerprint": store.fingerprint,
-            "objective": store.config.objective,
-            "num_samples": store.num_samples,
-            "num_checkpoints": store.num_checkpoints,
-            "dim_per_checkpoint": store.dim,
-        },
-        "checkpoints": [
-            {"sha256": c.sha256, "weight": c.weight, "scheduler": c.scheduler} for c in store.checkpoints
-        ],
-    }
 
 
 @dataclass
@@ -278,20 +164,13 @@ class AttributionResult:
 
 
 @dataclass
-class _LoadedIndex:
-    directory: Path
-    manifest: dict
-    method: Method
-    index: SearchIndex
-    preconditioners: np.ndarray | None = None  # (K, d, d) float64
-
-
-@dataclass
 class Attributor:
     """Loads a store's task, checkpoints, projectors and one or more indexes once; answers many queries.
 
     Args:
-        indexes: index directories built from one store (e.g. a TracIn and a ReTrac index).
+        indexes: index directories built from one store (e.g. a TracIn and a ReTrac index); the parts of
+            an index (``retrac build --part I/N``) as folders, a folder of part folders, or URLs of
+            part servers (``retrac serve --search-only``), merged per method (``retrac.query.parts``).
         store: the store path; default the path recorded in the first manifest.
         query_events: ``T_q x M`` query events (default 10 x 2; ``QueryEvents.preset("paper")`` = 100 x 16).
         device: torch device for the gradients (``"cpu"``, ``"cuda"``).
@@ -321,32 +200,18 @@ class Attributor:
         dirs = [self.indexes] if isinstance(self.indexes, (str, Path)) else list(self.indexes)
         if not dirs:
             raise ConfigError("give at least one index directory.")
-        manifests = [_read_manifest(Path(d)) for d in dirs]
-        recorded = manifests[0]["store"]
+        sources = open_sources(dirs)  # folders, folders of parts, part server URLs
+        recorded = sources[0].manifest["store"]
         self._recorded_store_path = recorded["path"]
         self._search = SearchPath(self.search_path)
-        self._store = _open_store(self._search.store(self.store, recorded, dirs[0]))
+        self._store = open_complete_store(self._search.store(self.store, recorded, sources[0].where))
         if self.checkpoints is not None and len(self.checkpoints) != self._store.num_checkpoints:
             raise ConfigError(
                 f"{len(self.checkpoints)} checkpoint paths given for a store of {self._store.num_checkpoints} "
                 "checkpoints; give every checkpoint, in training order (--checkpoint once per checkpoint)."
             )
-        self._loaded: dict[str, _LoadedIndex] = {}
-        for directory, manifest in zip(dirs, manifests, strict=True):
-            expect = _manifest(self._store, Method.named(DEFAULT_METHOD), None)
-            expect = {"store": expect["store"], "checkpoints": expect["checkpoints"]}
-            expect["store"].pop("path")  # the store may have moved; its fingerprint must match
-            index = load_index(directory, expect=expect)  # seal and file digests checked first
-            # The method is re-derived from what was built (the rows against the store, kernel.npz),
-            # never taken from the manifest alone: docs/design.md section 6.
-            method, kernel = derive_method(directory, manifest, index, self._store)
-            preconditioners = None if kernel is None else kernel.preconditioners
-            index.vector_source = lambda method=method: train_vector_blocks(self._store, method)
-            if method.name in self._loaded:
-                raise ConfigError(f"two indexes of method {method.name!r}; give one index per method.")
-            self._loaded[method.name] = _LoadedIndex(
-                Path(directory), manifest, method, index, preconditioners
-            )
+        # one index per method: a folder as it is, or parts checked to cover the store once and merged
+        self._loaded: dict[str, LoadedIndex] = load_indexes(sources, self._store)
         self._frozen = None  # the VAE and text encoder of a latent / text model, shared by the checkpoints
         self._tasks = [self._load_checkpoint(k) for k in range(self._store.num_checkpoints)]
         self._projectors = [self._store.projector(k, task) for k, task in enumerate(self._tasks)]
@@ -562,7 +427,7 @@ class Attributor:
             query_ids=None if query_ids is None else list(query_ids),
         )
 
-    def _method(self, method: str | None) -> _LoadedIndex:
+    def _method(self, method: str | None) -> LoadedIndex:
         if method is None:
             if len(self._loaded) != 1:
                 raise ConfigError(f"several indexes are loaded ({', '.join(self._loaded)}); name the method.")
@@ -583,18 +448,3 @@ def _as_labels(class_labels, num_queries: int) -> Tensor | None:
             "one per query image."
         )
     return torch.from_numpy(array.astype(np.int64))
-
-
-def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise DataError(
-            f"{str(directory)!r} holds no manifest.json: not a retrac index; build one with `retrac build`."
-        )
-    manifest = read_json(path, "index manifest", DataError)
-    store = manifest.get("store") if isinstance(manifest, dict) else None
-    if "method" not in manifest or not isinstance(store, dict) or not isinstance(store.get("path"), str):
-        raise DataError(
-            f"{str(path)!r} is not an attribution index manifest (no method / store); build it with `retrac build`."
-        )
-    return manifest

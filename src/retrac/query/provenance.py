@@ -28,6 +28,7 @@ import numpy as np
 from retrac.errors import GradientError, IndexDamagedError
 from retrac.query.index import SearchIndex, rebuild_command
 from retrac.query.index.search_index import _reconstructs
+from retrac.query.partition import PART_KEY
 from retrac.query.vectors import VECTOR_KINDS, Method
 
 KERNEL_FILENAME = "kernel.npz"
@@ -107,29 +108,37 @@ def _store_rows(store, start: int, stop: int, kind: str) -> np.ndarray:
 
 
 def vector_kind_errors(
-    index: SearchIndex, store, rows: tuple[int, int] | None = None, seed: int | None = None
+    index: SearchIndex,
+    store,
+    rows: tuple[int, int] | None = None,
+    seed: int | None = None,
+    part: tuple[int, int] | None = None,
 ) -> dict[str, float] | None:
     """The relative error of a window of index rows against each kind's train vectors from the store.
 
     Args:
-        index: The loaded index (rows in store order).
+        index: The loaded index (rows in store order, from the first row it holds).
         store: The ``FeatureStore`` it was built from.
-        rows: The window ``(start, stop)`` (within one shard); default: up to ``PROVENANCE_ROWS`` rows
-            at the start of a shard drawn at random (``seed``).
+        rows: The window ``(start, stop)`` of store rows (within one shard and the index's rows);
+            default: up to ``PROVENANCE_ROWS`` of the index's rows at the start of a shard drawn at
+            random among those it covers (``seed``).
         seed: Seed of that draw (``None``: fresh entropy).
+        part: The store rows ``(start, stop)`` the index holds (an index part); default every row.
 
     Returns:
         ``{kind: max over rows of ||row - U_kind|| / ||U_kind||}``, or ``None`` when the index cannot
         reconstruct its rows.
     """
+    first, last = (0, store.num_samples) if part is None else part
     if rows is None:
-        shard = int(np.random.default_rng(seed).integers(store.num_shards))
-        start, stop = store.shard_range(shard)
+        low, high = first // store.shard_rows, (last - 1) // store.shard_rows
+        start, stop = store.shard_range(int(np.random.default_rng(seed).integers(low, high + 1)))
+        start, stop = max(start, first), min(stop, last)
         rows = (start, min(stop, start + PROVENANCE_ROWS))
     start, stop = rows
     if not _reconstructs(index.index):
         return None
-    stored = index.index.reconstruct_n(start, stop - start)[:, : index.dim]  # no augmenting column
+    stored = index.index.reconstruct_n(start - first, stop - start)[:, : index.dim]  # no augmenting column
     errors = {}
     for kind in VECTOR_KINDS:
         try:
@@ -183,7 +192,9 @@ def derive_method(
             f"{directory}: the manifest names method {claimed.name!r} (kernel c={claimed.kernel_c}), but the "
             f"folder holds {held}; the manifest does not describe this index: {hint}."
         )
-    errors = vector_kind_errors(index, store)
+    entry = manifest.get(PART_KEY)  # an index part holds rows [start, stop) of the store
+    part = None if entry is None else (int(entry["start"]), int(entry["stop"]))
+    errors = vector_kind_errors(index, store, part=part)
     if errors is not None:
         best = min(errors, key=errors.get)
         if _exact_codes(index.index):

@@ -142,25 +142,9 @@ def _prompt(prompt: str | None) -> str | None:
     return prompt if prompt and prompt.strip() else None
 
 
-def create_app(service: AttributionService) -> FastAPI:
-    """The ASGI app of ``service``: JSON API, OpenAPI schema at ``/docs``, web page at ``/``."""
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await service.start()
-        try:
-            yield
-        finally:
-            await service.stop()
-
-    app = FastAPI(
-        title="retrac serve",
-        description=API_DESCRIPTION,
-        version=_version(),
-        lifespan=lifespan,
-    )
-    app.state.service = service
-    app.add_middleware(BodySizeLimit, max_bytes=service.config.max_upload_bytes)
+def install_error_handlers(app: FastAPI) -> None:
+    """JSON ``{"detail": message}`` answers: a ``RetracError`` with its 4xx status (``_status``), an invalid
+    request 422, a disconnected client 499, anything unexpected 500 without a traceback (logged)."""
 
     @app.exception_handler(RetracError)
     async def retrac_error(request: Request, exc: RetracError):
@@ -186,6 +170,29 @@ def create_app(service: AttributionService) -> FastAPI:
             {"detail": f"internal error ({type(exc).__name__}); the server log has the details."},
             status_code=500,
         )
+
+
+def create_app(service: AttributionService) -> FastAPI:
+    """The ASGI app of ``service``: JSON API, OpenAPI schema at ``/docs``, web page at ``/``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="retrac serve",
+        description=API_DESCRIPTION,
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(BodySizeLimit, max_bytes=service.config.max_upload_bytes)
+
+    install_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     async def page():

@@ -21,7 +21,22 @@ def add_serve_command(sub) -> None:
         "written to the store or the indexes.",
     )
     p.add_argument(
-        "--index", required=True, action="append", help="an index folder (repeatable, one per method)"
+        "--index",
+        required=True,
+        action="append",
+        help="an index folder (repeatable, one per method); the parts of an index (retrac build --part), a "
+        "folder of parts, or part server URLs (http://HOST:PORT) are merged per method",
+    )
+    p.add_argument(
+        "--search-only",
+        action="store_true",
+        help="serve index parts to a front (retrac query --index http://HOST:PORT): GET /parts and POST /search "
+        "of query vectors only; loads the parts and the store, no model, checkpoint or training image",
+    )
+    p.add_argument(
+        "--store",
+        default=None,
+        help="the feature store (default: the one the index records; its fingerprint is checked)",
     )
     p.add_argument(
         "--audit",
@@ -132,6 +147,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} must lie in [0, 65535].")
     config = serve_config(args)
+    if args.search_only:
+        return _run_part_server(args, config)
     service = AttributionService.load(
         args.index,
         audit=args.audit,
@@ -140,6 +157,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         query_events=query_events(args),
         device=args.device,
         config=config,
+        store=args.store,
     )
     print(
         f"retrac serve: {', '.join(service.methods)} over {service.num_samples} training samples; "
@@ -150,6 +168,27 @@ def run_serve_command(args: argparse.Namespace) -> int:
         run_server(service, args.host, args.port, args.log_level)
     finally:
         service.close()
+    return 0
+
+
+def _run_part_server(args: argparse.Namespace, config: ServeConfig) -> int:
+    from retrac.serve.parts import PartService, run_part_server
+
+    extra = [name for name in ("audit", "data") if getattr(args, name)] + (
+        ["examples"] if args.examples else []
+    )
+    if extra:
+        raise ConfigError(
+            f"--search-only serves searches of query vectors only; drop --{' --'.join(extra)} (a front "
+            "`retrac serve --index URL ...` can offer them)."
+        )
+    service = PartService.load(args.index, store=args.store, config=config)
+    held = ", ".join(f"{name} {part.part.label}" for name, (_, _, part) in service.parts.items())
+    print(
+        f"retrac serve: index parts {held}; POST /search and GET /parts on http://{args.host}:{args.port}/",
+        flush=True,
+    )
+    run_part_server(service, args.host, args.port, args.log_level)
     return 0
 
 

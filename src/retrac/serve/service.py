@@ -29,6 +29,7 @@ from torch import Tensor
 
 from retrac.data import ImageDataset
 from retrac.errors import ConfigError, DataError
+from retrac.query.remote import is_remote
 from retrac.schema import query_document
 from retrac.serve.batcher import BatchTiming, QueryBatcher
 from retrac.serve.config import ServeConfig
@@ -80,7 +81,7 @@ class AttributionService:
         self.pixel_index = pixel_index
         self.audit_config = audit_config or AuditConfig()
         self.examples = examples
-        self.index_dirs = [str(Path(d).resolve()) for d in index_dirs]
+        self.index_dirs = [_where(d) for d in index_dirs]
         self.audit_source = audit_source
         if list(train.ids) != list(attributor.train_ids):
             raise DataError(
@@ -126,6 +127,7 @@ class AttributionService:
         query_events=None,
         device: str = "cpu",
         config: ServeConfig | None = None,
+        store: str | Path | None = None,
     ) -> AttributionService:
         """Load the indexes, the training images, the audit's pixel index and the examples.
 
@@ -137,16 +139,18 @@ class AttributionService:
             examples: data files whose first ``max_examples`` images the page offers to pick.
             query_events: :class:`retrac.query.attribution.QueryEvents` (default 10 x 2).
             device: torch device of the query gradients.
+            store: the feature store (default: the one the first index records).
         """
         from retrac.audit import load_training_data
         from retrac.query.attribution import Attributor, QueryEvents
 
         config = config or ServeConfig()
-        dirs = [Path(d) for d in indexes]
+        dirs = [d if is_remote(d) else Path(d) for d in indexes]  # folders, or part server URLs
         if not dirs:
             raise ConfigError("give at least one index folder (--index DIR).")
         attributor = Attributor(
             dirs,
+            store=store,
             query_events=query_events or QueryEvents(),
             device=device,
             batch_size=config.max_batch_images,
@@ -490,7 +494,7 @@ class AttributionService:
                     "method": m,
                     "vectors": loaded.method.vectors,
                     "kernel": loaded.manifest.get("kernel"),
-                    "directory": str(Path(loaded.directory).resolve()),
+                    "directory": _where(loaded.directory),
                     "num_vectors": index.num_vectors,
                     "dim": index.dim,
                     "kind": index.kind,
@@ -561,3 +565,8 @@ class AttributionService:
             "cached_queries": len(self._cache),
             "remembered_queries": len(self._history),
         }
+
+
+def _where(directory) -> str:
+    """An index folder, resolved; a part server as given."""
+    return str(directory) if is_remote(directory) else str(Path(directory).resolve())
