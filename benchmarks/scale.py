@@ -221,7 +221,7 @@ def build_phase(store_path: Path, index_path: Path, max_memory: int, kind: str =
 
     start = time.perf_counter()
     built = build_attribution_index(
-        store_path, index_path, "tracin", index="auto", max_memory=max_memory, progress=False
+        store_path, index_path, "tracin", index=kind, max_memory=max_memory, progress=False
     )
     seconds = time.perf_counter() - start
     return {

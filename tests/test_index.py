@@ -317,3 +317,17 @@ def load_index_like(index, device):
     from dataclasses import replace
 
     return replace(index, device=device)
+
+
+def test_concurrent_searches_with_their_own_settings_equal_serial_ones(vectors, queries):
+    """Search settings are set on the shared FAISS index; searches from many threads must not mix them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index = build_index([vectors], len(vectors), DIM, "ivf", nlist=64)
+    probes = [1, 64, 2, 32, 4, 16] * 4
+    serial = [index.find(queries, K, nprobe=p).indices for p in probes]
+    with ThreadPoolExecutor(6) as pool:
+        threaded = list(pool.map(lambda p: index.find(queries, K, nprobe=p).indices, probes))
+    for p, got, expected in zip(probes, threaded, serial, strict=True):
+        assert np.array_equal(got, expected), f"nprobe={p}"
+    assert not np.array_equal(serial[0], serial[1])  # the settings do give different answers

@@ -22,6 +22,7 @@ says which happened (``SearchResult.widened``, ``SearchResult.exact_fallback``, 
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -128,6 +129,9 @@ class SearchIndex:
     vector_source: Callable[[], Iterable[np.ndarray]] | None = field(default=None, repr=False)
     _gpu_index: Any = field(default=None, init=False, repr=False)
     _gpu_tried: bool = field(default=False, init=False, repr=False)
+    # FAISS search parameters (nprobe, efSearch) are set on the shared index before each search, and
+    # the GPU copy is made lazily: one search at a time per index (retrac serve searches on a pool).
+    _lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_device(self.device)
@@ -221,6 +225,12 @@ class SearchIndex:
         _check_int_in_range("k", k, self.num_vectors, "the number of vectors in the index; ask for fewer")
         k = int(k)
         params = self._search_params(opponents, nprobe, ef_search)
+        with self._lock:
+            return self._find(queries, stored, k, opponents, params)
+
+    def _find(
+        self, queries: np.ndarray, stored: np.ndarray, k: int, opponents: bool, params: dict[str, Any]
+    ) -> SearchResult:
         scores, indices = self._search_approximate(stored, k, opponents, params)
         short = np.flatnonzero((indices < 0).any(axis=1))
         if short.size == 0:
@@ -265,7 +275,8 @@ class SearchIndex:
         stored = _pad_queries(queries) if self.mips_max_norm is not None else queries
         _check_int_in_range("k", k, self.num_vectors, "the number of vectors in the index; ask for fewer")
         params = self._search_params(opponents, nprobe, ef_search)
-        scores, indices = self._search_approximate(stored, int(k), opponents, params)
+        with self._lock:
+            scores, indices = self._search_approximate(stored, int(k), opponents, params)
         scores[indices < 0] = np.nan
         return scores, indices
 
