@@ -60,7 +60,18 @@ def test_float_data_in_0_1(checkpoints, tmp_path, capsys):
         loaded.images[:, 0].numpy(), 2 * np.load(tmp_path / "train.npy") - 1, atol=1e-6
     )
     assert (
-        main(["build", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "index"), "--no-progress"])
+        main(
+            [
+                "build",
+                "--store",
+                str(tmp_path / "store"),
+                "--out",
+                str(tmp_path / "index"),
+                "--method",
+                "retrac",
+                "--no-progress",
+            ]
+        )
         == 0
     )
 
@@ -109,7 +120,18 @@ def test_imagefolder_class_subfolders(checkpoints, tmp_path, capsys):
     dataset = FeatureStore.open(tmp_path / "store").attrs["dataset"]
     assert dataset["classes"] == {"cat": 0, "dog": 1} and dataset["has_labels"]
     assert (
-        main(["build", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "index"), "--no-progress"])
+        main(
+            [
+                "build",
+                "--store",
+                str(tmp_path / "store"),
+                "--out",
+                str(tmp_path / "index"),
+                "--method",
+                "retrac",
+                "--no-progress",
+            ]
+        )
         == 0
     )
     _write_class_folders(tmp_path / "queries", {"cat": 1, "dog": 1}, seed=5)
@@ -140,7 +162,18 @@ def test_labels_file_and_numpy_labels(checkpoints, tmp_path, capsys):
     dataset = FeatureStore.open(tmp_path / "store").attrs["dataset"]
     assert dataset["has_labels"] and dataset["labels_file"]["source"].endswith("labels.txt")
     assert (
-        main(["build", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "index"), "--no-progress"])
+        main(
+            [
+                "build",
+                "--store",
+                str(tmp_path / "store"),
+                "--out",
+                str(tmp_path / "index"),
+                "--method",
+                "retrac",
+                "--no-progress",
+            ]
+        )
         == 0
     )
 

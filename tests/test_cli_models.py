@@ -65,7 +65,7 @@ def test_ddpm_pipeline_folder(data, tmp_path, capsys):
     assert (tmp_path / "pipeline" / "model_index.json").is_file()
     code, err = _index(capsys, tmp_path / "pipeline", data, tmp_path / "store")
     assert code == 0, err
-    assert _build_and_query(capsys, tmp_path / "store", tmp_path, data)["results"]["retrac"]["k"] == 2
+    assert _build_and_query(capsys, tmp_path / "store", tmp_path, data)["results"]["retrac+kernel"]["k"] == 2
 
 
 def test_bare_unet_needs_and_records_a_scheduler(data, tmp_path, capsys):

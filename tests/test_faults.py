@@ -53,7 +53,19 @@ def world(tmp_path_factory):
     index_args = ["--checkpoint", str(ckpt), "--data", str(root / "train.npz"), *STORE_OPTIONS]
     assert main(["index", *index_args, "--out", str(root / "store"), "--no-progress", "--threads", "1"]) == 0
     assert (
-        main(["build", "--store", str(root / "store"), "--out", str(root / "retrac"), "--no-progress"]) == 0
+        main(
+            [
+                "build",
+                "--store",
+                str(root / "store"),
+                "--out",
+                str(root / "retrac"),
+                "--method",
+                "retrac",
+                "--no-progress",
+            ]
+        )
+        == 0
     )
     return World(root, ckpt, index_args)
 
