@@ -436,6 +436,12 @@ def markdown(result: dict, n_subsets: int) -> str:
     return "\n".join(lines)
 
 
+def label_share(scores: np.ndarray, query_labels: np.ndarray, pool_labels: np.ndarray, k: int) -> float:
+    """Share of each query's ``k`` highest-scoring pool samples whose label is the query's."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float((pool_labels[top] == query_labels[:, None]).mean())
+
+
 def summary(result: dict, n_subsets: int, n_test: int, n_report: int) -> dict:
     heads, specific, base = result["headlines"], result["headlines_test_specific"], result["baselines"]
     default = max(heads, key=lambda f: heads[f]["validation_lds"])
@@ -651,6 +657,15 @@ def main() -> None:
 
     print(markdown(result, count), flush=True)
     final = summary(result, count, n_test, len(report))
+    # the label check: top-10 proponents of the held-out test digits (report split) sharing the query's label
+    rows = np.intersect1d(report, kinds["heldout"])
+    heads = result["headlines"]
+    matrices = {f: all_scores[heads[f]["setting"]][f][heads[f]["variant"]] for f in FAMILIES}
+    matrices["pixel_nn"] = baselines[result["baselines"]["pixel_nn"]["variant"]]
+    final["label_share_top10"] = {
+        name: label_share(matrix[rows], heldout.labels.numpy()[rows], pool.labels.numpy(), 10)
+        for name, matrix in matrices.items()
+    }
     for name, check in checks.items():
         final[f"counterfactual_{name.replace('+', '_')}"] = {
             k: check[k]

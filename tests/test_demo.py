@@ -121,3 +121,30 @@ def test_planted_variants_add_outliers_and_duplicates():
     between[torch.arange(300), torch.arange(300)] = float("inf")
     assert torch.cdist(outliers, digits).min(dim=1).values.min() > between.min(dim=1).values.max()
     assert not set(heldout.ids) & set(train.ids)
+
+
+def test_label_agreement_counts_same_label_proponents_and_pixel_neighbours():
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from retrac.data import ImageDataset
+    from retrac.demo import label_agreement
+
+    # training images 0..5 with labels 0,0,1,1,2,2; image i is the constant i/10
+    train = ImageDataset(
+        torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 1, 2, 2) / 10,
+        [f"t{i}" for i in range(6)],
+        labels=torch.tensor([0, 0, 1, 1, 2, 2]),
+    )
+    heldout = ImageDataset(  # close to images 0 and 5: labels 0 and 2
+        torch.tensor([0.01, 0.49]).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone(),
+        ["h0", "h1"],
+        labels=torch.tensor([0, 2]),
+    )
+    # a third row (a generated query) is ignored
+    result = SimpleNamespace(indices=np.array([[0, 2], [4, 5], [0, 0]]))
+    share = label_agreement({"m": result}, heldout, train, k=2)
+    assert share["m"] == 0.75  # query 0: t0 yes, t2 no; query 1: t4, t5 yes
+    assert share["pixel nearest neighbours"] == 1.0  # t0, t1 / t5, t4

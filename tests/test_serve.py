@@ -551,7 +551,7 @@ def test_demo_prints_a_serve_command_that_parses(demo):
     command = shlex.split(summary["serve"])
     assert command[:2] == ["retrac", "serve"]
     args = build_parser().parse_args(command[1:])
-    assert args.index == [summary["indexes"]["tracin"], summary["indexes"]["retrac"]]
+    assert args.index == [summary["indexes"]["retrac"], summary["indexes"]["tracin"]]  # one store per service
     assert args.examples == [summary["heldout"], summary["generated"]] and args.audit == "memory"
     assert all(Path(p).exists() for p in args.examples)
 

@@ -7,9 +7,10 @@ Everything is deterministic for a given seed.
 
 from __future__ import annotations
 
+import html
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +347,7 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device:
     from retrac.data import load_dataset
     from retrac.indexer import IndexConfig, featurize_dataset
     from retrac.query.attribution import Attributor, build_attribution_index
+    from retrac.query.vectors import DEFAULT_SQNORM_METHOD
     from retrac.report.attribution import write_attribution_report
     from retrac.sampling import generate_images
     from retrac.schema import query_document
@@ -363,11 +365,21 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device:
     store = featurize_dataset(
         checkpoints, summary["train"], out / "store", index_config, device=device, progress=progress
     )
+    # the default method (dtrak, the best measured LDS) measures the squared norm of the model output
+    default_store = featurize_dataset(
+        checkpoints,
+        summary["train"],
+        out / "store-sqnorm",
+        replace(index_config, objective="sqnorm"),
+        device=device,
+        progress=progress,
+    )
     timings["featurize"] = round(time.perf_counter() - started, 2)
 
     started = time.perf_counter()
-    indexes = {}
-    for method in ("tracin", "retrac"):
+    indexes = {DEFAULT_SQNORM_METHOD: out / f"index-{DEFAULT_SQNORM_METHOD}"}
+    build_attribution_index(default_store, indexes[DEFAULT_SQNORM_METHOD], index="auto", progress=progress)
+    for method in ("retrac", "tracin"):
         indexes[method] = out / f"index-{method}"
         build_attribution_index(store, indexes[method], method, index="auto", progress=progress)
     timings["build"] = round(time.perf_counter() - started, 2)
@@ -391,19 +403,33 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device:
     timings["sample"] = round(time.perf_counter() - started, 2)
 
     started = time.perf_counter()
-    attributor = Attributor(list(indexes.values()), device=device, progress=progress)
+    # one Attributor per store: dtrak's queries are measured with the sqnorm objective too
+    default_attributor = Attributor([indexes[DEFAULT_SQNORM_METHOD]], device=device, progress=progress)
+    attributor = Attributor([indexes["retrac"], indexes["tracin"]], device=device, progress=progress)
     queries = torch.cat([heldout.images, generated])
     captions = [f"held-out {i} (label {int(y)})" for i, y in zip(heldout.ids, heldout.labels, strict=True)]
     captions += [f"generated {i}" for i in range(len(generated))]
-    results = {m: attributor.attribute(queries, k=config.top_k, method=m) for m in indexes}
+    depth = max(config.top_k, LABEL_TOP_K)
+    deep = {
+        m: (default_attributor if m == DEFAULT_SQNORM_METHOD else attributor).attribute(
+            queries, k=depth, method=m
+        )
+        for m in indexes
+    }
+    results = {m: _first(result, config.top_k) for m, result in deep.items()}
     timings["attribute"] = round(time.perf_counter() - started, 2)
 
     train = load_dataset(summary["train"])
+    label_share = label_agreement(deep, heldout, train, LABEL_TOP_K)
     intro = (
         f"<p>Tiny DDPM on scikit-learn's digits: {len(train)} training digits, {len(checkpoints)} checkpoints, "
         f"events {config.index_events}, {config.index_projector} projection d = {config.index_dim} per checkpoint. "
         f"Queries: {len(heldout)} held-out digits and {len(generated)} digits sampled from the last checkpoint.</p>"
-        '<p><a href="bias.html">The timestep-induced bias: gradient norm vs timestep, TracIn vs ReTrac</a></p>'
+        f"<p><b>{DEFAULT_SQNORM_METHOD}</b> (D-TRAK, retrac's default: the best measured linear datamodeling "
+        "score, README 'Attribution quality') next to <b>retrac</b> (Diffusion-ReTrac, the paper's method) "
+        "and <b>tracin</b>.</p>"
+        + label_table(label_share, len(heldout))
+        + '<p><a href="bias.html">The timestep-induced bias: gradient norm vs timestep, TracIn vs ReTrac</a></p>'
     )
     # the report folder appears whole, or the old one stays (section 7 of docs/design.md)
     with publish_directory(out / "report") as staging:
@@ -415,11 +441,16 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device:
     summary.update(
         {
             "store": str(store.path),
+            "store_sqnorm": str(default_store.path),
+            "default_method": DEFAULT_SQNORM_METHOD,
             "indexes": {m: str(p) for m, p in indexes.items()},
+            "label_share_top10": label_share,
             "report": str(report),
             "generated": str(generated_path),
-            "serve": serve_command_line(
-                indexes.values(), examples=[summary["heldout"], generated_path], audit="memory"
+            "serve": serve_command_line(  # one store per service: the loss store's indexes
+                [indexes["retrac"], indexes["tracin"]],
+                examples=[summary["heldout"], generated_path],
+                audit="memory",
             ),
             "results": query_document(results.values(), captions),
             "seconds": timings,
@@ -427,6 +458,42 @@ def run_demo(config: DemoConfig, out: str | Path, progress: bool = True, device:
     )
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2))
     return summary
+
+
+LABEL_TOP_K = 10  # proponents per held-out digit counted by the label check
+
+
+def _first(result, k: int):
+    """``result`` cut to its first ``k`` columns."""
+    return replace(
+        result,
+        indices=result.indices[:, :k],
+        scores=result.scores[:, :k],
+        ids=[row[:k] for row in result.ids],
+    )
+
+
+def label_agreement(results: dict, heldout, train, k: int = LABEL_TOP_K) -> dict[str, float]:
+    """Share of the top-``k`` proponents of the held-out queries (the first ``len(heldout)`` rows of each
+    result) whose label is the query's, per method and for the ``k`` nearest training images in pixel
+    space (L2): a sanity check of attributions, not a measure of influence (LDS is)."""
+    labels = train.labels.numpy()
+    truth = heldout.labels.numpy()[:, None]
+    n = len(heldout)
+    share = {m: float((labels[r.indices[:n, :k]] == truth).mean()) for m, r in results.items()}
+    distances = torch.cdist(heldout.images.flatten(1).double(), train.images.flatten(1).double())
+    nearest = distances.topk(k, dim=1, largest=False).indices.numpy()
+    share["pixel nearest neighbours"] = float((labels[nearest] == truth).mean())
+    return share
+
+
+def label_table(share: dict[str, float], num_queries: int) -> str:
+    """The label check as an HTML table for the report's introduction."""
+    rows = "".join(f"<tr><td>{html.escape(m)}</td><td>{v:.0%}</td></tr>" for m, v in share.items())
+    return (
+        f"<p>Share of the top {LABEL_TOP_K} proponents of the {num_queries} held-out digits with the query's "
+        f"label (chance about 10%):</p><table><tr><th>method</th><th>same label</th></tr>{rows}</table>"
+    )
 
 
 def _write_bias_page(

@@ -8,7 +8,7 @@ from retrac.cli.options import add_compute_options, add_deprecated_alias, add_ov
 from retrac.indexer.workers import parse_size
 from retrac.query.attribution import DEFAULT_INDEX_KIND, DEFAULT_SEARCH_DEVICE
 from retrac.query.index import AUTO_FLAT_MAX_ROWS
-from retrac.query.vectors import DEFAULT_KERNEL_C, DEFAULT_METHOD, METHOD_NAMES
+from retrac.query.vectors import DEFAULT_KERNEL_C, DEFAULT_METHOD, DEFAULT_SQNORM_METHOD, METHOD_NAMES
 
 
 def add_build_command(sub) -> None:
@@ -17,15 +17,16 @@ def add_build_command(sub) -> None:
         help="build a FAISS inner-product index of one method over a feature store",
         description="Aggregate the store's features into train vectors U(z) = concat_k(w_k u_k(z)) of a "
         "method (tracin: mean of phi; retrac: mean of phi / n_k, the paper's Diffusion-ReTrac; retrac+kernel: "
-        "retrac with the TRAK kernel folded into queries, the default, chosen by measured LDS; trak / dtrak: "
-        "tracin with the kernel) and index them for inner-product search.",
+        "retrac with the TRAK kernel folded into queries; trak / dtrak: tracin with the kernel, dtrak on a "
+        "sqnorm store; the default is chosen by measured LDS) and index them for inner-product search.",
     )
     p.add_argument("--store", required=True, help="a complete feature store (from `retrac index`)")
     p.add_argument(
         "--method",
-        default=DEFAULT_METHOD,
+        default=None,
         choices=METHOD_NAMES,
-        help="(default: %(default)s, the best measured linear datamodeling score; see the README)",
+        help=f"default: {DEFAULT_SQNORM_METHOD} on a store indexed with --objective sqnorm, else {DEFAULT_METHOD} "
+        "(the best measured linear datamodeling scores; README, 'Attribution quality')",
     )
     p.add_argument(
         "--kernel",

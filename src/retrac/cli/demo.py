@@ -98,9 +98,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     for ckpt in summary["checkpoints"]:
         print(f"checkpoint:         {ckpt['path']}  (weight {ckpt['weight']:.4g})")
     print(f"feature store:      {summary['store']}")
+    if "store_sqnorm" in summary:
+        print(
+            f"sqnorm store:       {summary['store_sqnorm']}  (for {summary['default_method']}, the default)"
+        )
     for method, path in summary["indexes"].items():
         print(f"{method + ' index:':<20}{path}")
     print(f"report:             {summary['report']}")
+    if "label_share_top10" in summary:
+        shares = ", ".join(f"{m} {v:.0%}" for m, v in summary["label_share_top10"].items())
+        print(f"same label in top 10 of held-out digits: {shares}")
     print(f"serve it:           {summary['serve']}")
     print(f"summary:            {out / 'demo.json'}")
     print("seconds per stage:  " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))

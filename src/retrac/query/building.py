@@ -18,7 +18,7 @@ from retrac.indexer.rows import row_range_vector_blocks
 from retrac.query.index import SearchIndex, build_index, save_index
 from retrac.query.partition import PART_KEY, IndexPart
 from retrac.query.provenance import KERNEL_FILENAME, Kernel, kernel_arrays
-from retrac.query.vectors import DEFAULT_METHOD, KernelAccumulator, Method
+from retrac.query.vectors import KernelAccumulator, Method, default_method
 from retrac.relocate import relative_record
 
 DEFAULT_BLOCK_ROWS = 4096
@@ -60,7 +60,7 @@ def open_complete_store(store):
 def build_attribution_index(
     store,
     out: str | Path,
-    method: str | Method = DEFAULT_METHOD,
+    method: str | Method | None = None,
     kernel: float | None = None,
     index: str = DEFAULT_INDEX_KIND,
     block_rows: int = DEFAULT_BLOCK_ROWS,
@@ -78,7 +78,9 @@ def build_attribution_index(
     Args:
         store: a ``FeatureStore`` or its path.
         out: the index directory (FAISS file, ``manifest.json`` and, with a kernel, ``kernel.npz``).
-        method: ``tracin``, ``retrac``, ``trak``, ``dtrak`` or a :class:`Method`.
+        method: ``tracin``, ``retrac``, ``retrac+kernel``, ``trak``, ``dtrak`` or a :class:`Method`;
+            default the store's (``default_method``: ``dtrak`` on a ``sqnorm`` store, else
+            ``retrac+kernel``), chosen by measured LDS.
         kernel: ``c`` of the kernel (turns it on for tracin / retrac; default 0.1 for trak / dtrak).
         index: ``auto``, ``flat``, ``ivf``, ``hnsw`` or a FAISS factory string.
         block_rows: rows of the store read at a time.
@@ -91,6 +93,8 @@ def build_attribution_index(
         checkpoints' sha256 and weights, the kernel's ``lambda_k`` and the part (row range, N, I).
     """
     store = open_complete_store(store)
+    if method is None:
+        method = default_method(store.config.objective)
     method = method if isinstance(method, Method) else Method.named(method, kernel)
     method.check_objective(store.config.objective)
     store.check_ids()  # streamed: an index must name its rows with the ids the store was made with

@@ -30,11 +30,18 @@ KERNEL_PRESETS = ("trak", "dtrak")  # tracin + kernel on a loss / l1 store, on a
 KERNEL_SUFFIX = "+kernel"
 RETRAC_KERNEL = "retrac" + KERNEL_SUFFIX  # ReTrac's normalised vectors with the TRAK kernel
 METHOD_NAMES = VECTOR_KINDS + (RETRAC_KERNEL,) + KERNEL_PRESETS
-# The default follows the measured linear datamodeling score (README, "Attribution quality"): the best
-# method that needs no second store (dtrak needs a sqnorm store); `retrac` stays the paper's method.
+# The defaults follow the measured linear datamodeling score (README, "Attribution quality"): dtrak is
+# the best measured and needs a store featurized with --objective sqnorm; on a loss / l1 store the
+# default is the best of the methods that store serves. `retrac` stays available as the paper's method.
 DEFAULT_METHOD = RETRAC_KERNEL
+DEFAULT_SQNORM_METHOD = "dtrak"
 DEFAULT_KERNEL_C = 0.1
 LOSS_OBJECTIVES = ("loss", "l1")
+
+
+def default_method(objective: str) -> str:
+    """The default method for a store of ``objective``: ``dtrak`` on ``sqnorm``, else ``retrac+kernel``."""
+    return DEFAULT_SQNORM_METHOD if objective == "sqnorm" else DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
