@@ -13,6 +13,8 @@ Figures (the last line printed is one JSON object with all of them):
 * ``top1_retrac_hits_copied`` / ``top1_tracin_hits_copied``: for those, how often the top-1 ReTrac /
   TracIn proponent is the duplicated digit (the original or any of its copies); the chance level of
   a uniformly drawn training row is ``chance_top1_planted_group`` (copies / N);
+* ``top1_default_hits_copied`` / ``top1_default_hits_flagged``: the same for the default method
+  (``dtrak``, on a ``sqnorm`` store of its own, auditing the same generated images);
 * ``flagged_*``: the same figures for the images flagged ``copy`` or ``near``; ``nn_in_top_k_*``: how
   often the nearest training image is among the top-k proponents; ``top1_*_most_common``: the
   training sample that is top-1 proponent of the most outputs (TracIn's timestep-induced bias);
@@ -35,6 +37,7 @@ import math
 import statistics
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,6 +47,7 @@ from retrac.demo import DemoConfig, train_digits_ddpm
 from retrac.indexer import IndexConfig, featurize_dataset
 from retrac.indexer.store import FeatureStore
 from retrac.query.attribution import QueryEvents, build_attribution_index
+from retrac.query.vectors import DEFAULT_SQNORM_METHOD
 
 
 def mean_or_none(values: list) -> float | None:
@@ -147,7 +151,40 @@ def main() -> None:
     )
     emit(stage="audit", seconds=round(time.perf_counter() - started, 1), verdicts=audit["verdict_counts"])
 
+    # the default method (dtrak: a sqnorm store of its own) on the same generated images
+    started = time.perf_counter()
+    default_store = featurize_dataset(
+        checkpoints,
+        summary["train"],
+        out / "store-sqnorm",
+        replace(index_config, objective="sqnorm"),
+        progress=False,
+    )
+    default_index = out / f"index-{DEFAULT_SQNORM_METHOD}"
+    if not (default_index / "manifest.json").is_file():
+        build_attribution_index(
+            FeatureStore.open(default_store.path),
+            default_index,
+            DEFAULT_SQNORM_METHOD,
+            index="flat",
+            progress=False,
+        )
+    run_audit(
+        [default_index],
+        out / "audit-default",
+        images=out / "audit" / "generated.npz",
+        config=AuditConfig(k=args.k),
+        query_events=QueryEvents.preset(args.query_events),
+        progress=False,
+    )
+    emit(stage="audit-default", method=DEFAULT_SQNORM_METHOD, seconds=round(time.perf_counter() - started, 1))
+
     records = [json.loads(line) for line in (out / "audit" / "audit.jsonl").read_text().splitlines()]
+    default_records = (out / "audit-default" / "audit.jsonl").read_text().splitlines()
+    for record, line in zip(records, default_records, strict=True):  # same images, same order
+        other = json.loads(line)
+        assert other["nearest_id"] == record["nearest_id"] and other["verdict"] == record["verdict"]
+        record["proponents"]["default"] = other["proponents"][DEFAULT_SQNORM_METHOD]
     ranking = [json.loads(line) for line in (out / "audit" / "self_influence.jsonl").read_text().splitlines()]
     n = len(records)
     copies = [r for r in records if r["verdict"] == "copy"]
@@ -204,6 +241,12 @@ def main() -> None:
         flagged_of_planted_rate=len(flagged_of_planted) / len(flagged) if flagged else None,
         top1_retrac_hits_flagged=top1_hits("retrac", flagged_of_planted),
         top1_tracin_hits_flagged=top1_hits("tracin", flagged_of_planted),
+        default_method=DEFAULT_SQNORM_METHOD,
+        top1_default_hits_copied=top1_hits("default", of_planted),
+        top1_default_hits_flagged=top1_hits("default", flagged_of_planted),
+        nn_in_top_k_default_flagged=mean_or_none(
+            [r["proponents"]["default"]["nn_rank"] is not None for r in flagged_of_planted]
+        ),
         nn_in_top_k_retrac_flagged=mean_or_none(
             [r["proponents"]["retrac"]["nn_rank"] is not None for r in flagged_of_planted]
         ),
