@@ -26,6 +26,9 @@ Prints one JSON line per stage and, as the last line, one JSON object with ``uni
 ``unique_topk_retrac``, ``general_influential_tracin``, ``general_influential_retrac``,
 ``outlier_share_tracin``, ``outlier_share_retrac``, ``norm_timestep_spearman`` (replay events) and
 the ratios ReTrac / TracIn; the ``*_stratified`` keys repeat the figures on the stratified store.
+With ``--paper-setting``, the official code's choices instead: L1 objective, replayed events, query
+events 100 x 16, and two stores, the last checkpoint alone (``*_paper_last``) and all checkpoints
+(``*_paper_all``).
 
 Usage::
 
@@ -55,7 +58,7 @@ from retrac.data import load_dataset
 from retrac.demo import DemoConfig, train_digits_ddpm
 from retrac.events import TrainingEventLog
 from retrac.indexer import FeatureStore, IndexConfig, featurize_dataset
-from retrac.query.attribution import Attributor, build_attribution_index
+from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
 from retrac.sampling import generate_images
 
 
@@ -110,9 +113,15 @@ def last_event_log(log_path: str | Path, out: Path) -> Path:
     return path
 
 
-def store_and_indexes(checkpoints, train_path, out: Path, events: str) -> tuple[FeatureStore, list[Path]]:
+def store_and_indexes(
+    checkpoints, train_path, out: Path, events: str, objective: str = "loss"
+) -> tuple[FeatureStore, list[Path]]:
     store = featurize_dataset(
-        checkpoints, train_path, out / "store", IndexConfig(events=events), progress=False
+        checkpoints,
+        train_path,
+        out / "store",
+        IndexConfig(events=events, objective=objective),
+        progress=False,
     )
     indexes = []
     for method in ("tracin", "retrac"):
@@ -138,6 +147,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-report", action="store_true", help="skip writing report/bias.html")
+    parser.add_argument(
+        "--paper-setting",
+        action="store_true",
+        help="the official code's choices instead: L1 objective, replayed events, 100 x 16 query events, "
+        "the last checkpoint alone and all checkpoints (stores paper-last/ and paper-all/)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,16 +169,28 @@ def main() -> None:
     planted = json.loads((out / "demo" / "planted.json").read_text())["outliers"]
 
     replay_log = last_event_log(summary["events"], out / "demo")
-    schedules = {"replay": f"replay:{replay_log}", "stratified": "stratified:1"}
+    # name -> (events, objective, checkpoints)
+    schedules = {
+        "replay": (f"replay:{replay_log}", "loss", checkpoints),
+        "stratified": ("stratified:1", "loss", checkpoints),
+    }
+    query_events = QueryEvents()  # 10 x 2
+    if args.paper_setting:
+        schedules = {
+            "paper-last": (f"replay:{replay_log}", "l1", checkpoints[-1:]),
+            "paper-all": (f"replay:{replay_log}", "l1", checkpoints),
+        }
+        query_events = QueryEvents.preset("paper")  # 100 timesteps x 16 noise draws
     built = {}
-    for name, events in schedules.items():
+    for name, (events, objective, used) in schedules.items():
         began = time.perf_counter()
-        built[name] = store_and_indexes(checkpoints, summary["train"], out / name, events)
+        built[name] = store_and_indexes(used, summary["train"], out / name, events, objective)
         store = built[name][0]
         emit(
             {
                 "stage": f"store {name}",
                 "events": events,
+                "objective": objective,
                 "samples": store.num_samples,
                 "checkpoints": store.num_checkpoints,
                 "events_per_sample": store.num_events,
@@ -199,7 +226,7 @@ def main() -> None:
     measured = {}
     for name, (_store, indexes) in built.items():
         began = time.perf_counter()
-        attributor = Attributor(indexes, progress=False)
+        attributor = Attributor(indexes, query_events=query_events, progress=False)
         measured[name] = measure_bias(
             attributor, queries, args.k, outlier_ids=planted, fraction=args.fraction
         )
@@ -228,8 +255,10 @@ def main() -> None:
         "k": args.k,
         "queries": len(queries),
         "fraction": args.fraction,
+        "query_events": query_events.to_dict(),
     }
-    for name, suffix in (("replay", ""), ("stratified", "_stratified")):
+    for name in built:
+        suffix = "" if name == "replay" else "_" + name.replace("-", "_")
         m = measured[name]
         tracin, retrac = m.topk["tracin"], m.topk["retrac"]
         final_record.update(
@@ -261,7 +290,9 @@ def main() -> None:
                 f"max_frequency_share_retrac{suffix}": round(retrac.max_frequency_share, 4),
             }
         )
-    final_record["outlier_base_rate"] = round(measured["replay"].topk["tracin"].outlier_base_rate, 6)
+    final_record["outlier_base_rate"] = round(
+        next(iter(measured.values())).topk["tracin"].outlier_base_rate, 6
+    )
     final_record["seconds"] = round(time.perf_counter() - started, 1)
     emit(final_record)
 
