@@ -148,3 +148,18 @@ def test_label_agreement_counts_same_label_proponents_and_pixel_neighbours():
     share = label_agreement({"m": result}, heldout, train, k=2)
     assert share["m"] == 0.75  # query 0: t0 yes, t2 no; query 1: t4, t5 yes
     assert share["pixel nearest neighbours"] == 1.0  # t0, t1 / t5, t4
+
+
+def test_demo_builds_the_default_method_from_its_sqnorm_store(quick_demo):
+    """The demo's default index is built without naming a method: the sqnorm store's default is dtrak."""
+    from retrac.query.index import read_manifest
+    from retrac.query.vectors import Method, default_method
+
+    summary = json.loads((quick_demo / "demo.json").read_text())
+    assert summary["default_method"] == default_method("sqnorm") == "dtrak"
+    assert default_method("loss") == default_method("l1") == "retrac+kernel"
+    assert Method.named("retrac+kernel") == Method.named("retrac", kernel=0.1)
+    manifest = read_manifest(quick_demo / "index-dtrak")
+    assert manifest["method"]["name"] == "dtrak" and manifest["store"]["objective"] == "sqnorm"
+    assert set(summary["label_share_top10"]) == {"dtrak", "retrac", "tracin", "pixel nearest neighbours"}
+    assert all(0.0 <= v <= 1.0 for v in summary["label_share_top10"].values())
