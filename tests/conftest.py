@@ -2,8 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+
+
+def free_port() -> int:
+    """A free loopback TCP port (for servers started by the tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app):
+    """Serve ``app`` with uvicorn on a free loopback port, in a daemon thread; yields the port."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def make_tiny_unet(channels: int = 1, size: int = 8, num_class_embeds: int | None = None, seed: int = 0):

@@ -36,6 +36,12 @@ def _unit_images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 8, 8)).astype(np.float32)
 
 
+def _build_retrac_index(tmp_path) -> int:
+    """``retrac build --method retrac`` of ``tmp_path/store`` into ``tmp_path/index``; the exit status."""
+    store, out = str(tmp_path / "store"), str(tmp_path / "index")
+    return main(["build", "--store", store, "--out", out, "--method", "retrac", "--no-progress"])
+
+
 def _json(capsys, argv) -> dict:
     capsys.readouterr()
     assert main(argv) == 0, capsys.readouterr().err
@@ -59,21 +65,7 @@ def test_float_data_in_0_1(checkpoints, tmp_path, capsys):
     np.testing.assert_allclose(
         loaded.images[:, 0].numpy(), 2 * np.load(tmp_path / "train.npy") - 1, atol=1e-6
     )
-    assert (
-        main(
-            [
-                "build",
-                "--store",
-                str(tmp_path / "store"),
-                "--out",
-                str(tmp_path / "index"),
-                "--method",
-                "retrac",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _build_retrac_index(tmp_path) == 0
 
     # at query: [0, 1] floats read with the default range are refused, naming the store's range
     queries = _unit_images(2, 2)
@@ -119,21 +111,7 @@ def test_imagefolder_class_subfolders(checkpoints, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "store")]) == 0
     dataset = FeatureStore.open(tmp_path / "store").attrs["dataset"]
     assert dataset["classes"] == {"cat": 0, "dog": 1} and dataset["has_labels"]
-    assert (
-        main(
-            [
-                "build",
-                "--store",
-                str(tmp_path / "store"),
-                "--out",
-                str(tmp_path / "index"),
-                "--method",
-                "retrac",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _build_retrac_index(tmp_path) == 0
     _write_class_folders(tmp_path / "queries", {"cat": 1, "dog": 1}, seed=5)
     query = ["query", "--index", str(tmp_path / "index"), "--images", str(tmp_path / "queries"), "--k", "2"]
     document = _json(capsys, [*query, "--query-events", "fast", "--json"])
@@ -161,21 +139,7 @@ def test_labels_file_and_numpy_labels(checkpoints, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "store"), "--labels", str(tmp_path / "labels.txt")]) == 0
     dataset = FeatureStore.open(tmp_path / "store").attrs["dataset"]
     assert dataset["has_labels"] and dataset["labels_file"]["source"].endswith("labels.txt")
-    assert (
-        main(
-            [
-                "build",
-                "--store",
-                str(tmp_path / "store"),
-                "--out",
-                str(tmp_path / "index"),
-                "--method",
-                "retrac",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _build_retrac_index(tmp_path) == 0
 
     from retrac.query.attribution import Attributor, QueryEvents
 

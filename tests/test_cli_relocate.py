@@ -31,21 +31,8 @@ def project(tmp_path_factory):
     argv = ["index", "--checkpoint", str(a), "--checkpoint", str(b), "--data", str(root / "train.npz")]
     argv += ["--out", str(root / "store"), "--events", "stratified:1", "--dim", "16", "--no-progress"]
     assert main(argv) == 0
-    assert (
-        main(
-            [
-                "build",
-                "--store",
-                str(root / "store"),
-                "--out",
-                str(root / "index"),
-                "--method",
-                "retrac",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build = ["build", "--store", str(root / "store"), "--method", "retrac", "--no-progress"]
+    assert main([*build, "--out", str(root / "index")]) == 0
     return root
 
 

@@ -52,21 +52,8 @@ def world(tmp_path_factory):
     np.save(root / "queries.npy", (torch.rand(2, 8, 8, generator=generator) * 255).to(torch.uint8).numpy())
     index_args = ["--checkpoint", str(ckpt), "--data", str(root / "train.npz"), *STORE_OPTIONS]
     assert main(["index", *index_args, "--out", str(root / "store"), "--no-progress", "--threads", "1"]) == 0
-    assert (
-        main(
-            [
-                "build",
-                "--store",
-                str(root / "store"),
-                "--out",
-                str(root / "retrac"),
-                "--method",
-                "retrac",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build = ["build", "--store", str(root / "store"), "--method", "retrac", "--no-progress"]
+    assert main([*build, "--out", str(root / "retrac")]) == 0
     return World(root, ckpt, index_args)
 
 

@@ -29,6 +29,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from conftest import uvicorn_in_thread  # noqa: E402
 from retrac.data import load_dataset  # noqa: E402
 from retrac.query.attribution import QueryEvents  # noqa: E402
 from retrac.serve import AttributionService, ServeConfig, create_app  # noqa: E402
@@ -389,31 +390,12 @@ def test_audit_option_reads_an_audit_folder_and_refuses_others(service, tmp_path
 
 
 # ---------------------------------------------------------------------------------- live server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _live(service):
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", port
+        with uvicorn_in_thread(create_app(service)) as port:
+            yield f"http://127.0.0.1:{port}", port
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         service.close()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import free_port
 
 K = 6
 
@@ -38,18 +39,12 @@ def _missing_browser() -> str | None:
 pytestmark = pytest.mark.skipif(_missing_browser() is not None, reason=f"no browser: {_missing_browser()}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(quick_demo, tmp_path_factory):
     """`retrac serve` on the quick demo, in its own process, on a free loopback port."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     command = [
         sys.executable,
