@@ -230,7 +230,7 @@ def test_streamed_train_vectors_name_a_sample_with_a_zero_norm(world, monkeypatc
     store = FeatureStore.open(world["local"].path)
     block = store.read_shard(0, 1)  # rows 4-7
     block.norms[1, 0] = 0.0
-    monkeypatch.setattr(store, "blocks", lambda k, block_rows=None: iter([block]))
+    monkeypatch.setattr(store, "blocks", lambda k, block_rows=None, rows=None: iter([block]))
     with pytest.raises(GradientError, match="'z5'"):  # the ids are read only for this message
         list(store.vector_blocks(0, "retrac"))
     assert len(list(store.vector_blocks(0, "tracin"))) == 1  # TracIn needs no norm

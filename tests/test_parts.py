@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_scheduler, make_tiny_unet
+from conftest import free_port, make_scheduler, make_tiny_unet, uvicorn_in_thread
 from retrac.checkpoints import save_checkpoint
 from retrac.cli import main
 from retrac.data import ImageDataset
 from retrac.errors import ConfigError, IndexDamagedError
 from retrac.indexer import IndexConfig, featurize_dataset
-from retrac.indexer.rows import row_range_vector_blocks
 from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
 from retrac.query.index import read_manifest
 from retrac.query.parts import PartedIndex
@@ -95,7 +91,7 @@ def test_part_manifest_records_rows_and_store(world):
 def test_a_part_streams_the_store_s_rows_bit_for_bit(world):
     store = world["store"]
     full = np.concatenate([u for _, u in store.vector_blocks(0, "tracin", 5)])
-    starts, blocks = zip(*row_range_vector_blocks(store, 0, "tracin", 6, 19, 5), strict=True)
+    starts, blocks = zip(*store.vector_blocks(0, "tracin", 5, rows=(6, 19)), strict=True)
     assert starts == (6, 11, 16)
     assert np.array_equal(np.concatenate(blocks), full[6:19])
 
@@ -145,32 +141,13 @@ def test_an_edited_part_entry_breaks_the_seal(world, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- part servers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _part_server(indexes):
     """``retrac serve --search-only`` over ``indexes`` on a free port, in a thread; its URL."""
-    import uvicorn
-
     from retrac.serve.parts import PartService, create_part_app
 
-    app = create_part_app(PartService.load(indexes))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with uvicorn_in_thread(create_part_app(PartService.load(indexes))) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +246,7 @@ def test_serve_front_over_part_servers_equals_the_whole_index(world, reference, 
 
 def test_query_cli_bad_parts_are_one_line_and_exit_2(world, servers, capsys):
     common = ["query", "--images", str(world["root"] / "queries.npy"), "--no-progress"]
-    assert main([*common, "--index", f"http://127.0.0.1:{_free_port()}"]) == 2
+    assert main([*common, "--index", f"http://127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot be reached" in err and len(err.splitlines()) == 1
     assert main([*common, "--index", servers[0], "--index", servers[2]]) == 2

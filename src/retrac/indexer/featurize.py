@@ -20,8 +20,8 @@ from retrac.events import EventPlan
 from retrac.indexer.claims import DEFAULT_LEASE_SECONDS, ShardClaims
 from retrac.indexer.config import IndexConfig
 from retrac.indexer.inputs import TrainingInputs
-from retrac.indexer.layout import COMPACT_VECTOR_KINDS
-from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore, chunk_rows_for
+from retrac.indexer.layout import COMPACT_VECTOR_KINDS, chunk_rows_for
+from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore
 from retrac.indexer.workers import ShardPlan, plan_shards
 from retrac.pipeline import ModelParts, checkpoint_scheduler, checkpoint_task, with_pipeline_scheduler
 from retrac.projection import make_projector, projected_gradients

@@ -24,6 +24,15 @@ from retrac.query.vectors import VECTOR_KINDS, train_vectors
 DEFAULT_LAYOUT = LAYOUTS[0]
 PER_EVENT_ARRAYS = ("norms", "timesteps", "valid")
 COMPACT_VECTOR_KINDS = VECTOR_KINDS  # the order of axis 1 of ``vectors``: tracin, retrac
+MIN_CHUNK_BYTES = 1 << 20
+
+
+def chunk_rows_for(shard_rows: int, row_bytes: int) -> int:
+    """The smallest divisor of ``shard_rows`` whose chunk holds at least ``MIN_CHUNK_BYTES``."""
+    for rows in range(1, shard_rows + 1):
+        if shard_rows % rows == 0 and rows * row_bytes >= MIN_CHUNK_BYTES:
+            return rows
+    return shard_rows
 
 
 def checkpoint_group(k: int) -> str:

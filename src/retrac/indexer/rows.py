@@ -1,11 +1,8 @@
-"""Train vectors of chosen rows of a store, read shard by shard (what exact re-ranking reads, and what an
-index part is built from)."""
+"""Train vectors of chosen rows of a store, read shard by shard (what exact re-ranking reads)."""
 
 from __future__ import annotations
 
 import numpy as np
-
-from retrac.errors import ConfigError, GradientError
 
 
 def train_vector_rows(store, kind: str, rows: np.ndarray) -> np.ndarray:
@@ -31,28 +28,3 @@ def train_vector_rows(store, kind: str, rows: np.ndarray) -> np.ndarray:
             u = block.train_vectors(kind, ids[start:stop])  # (n, d), as train_vector_blocks forms them
             out[where, k * store.dim : (k + 1) * store.dim] = np.float32(weight) * u[local]
     return out
-
-
-def row_range_vector_blocks(store, k: int, kind: str, start: int, stop: int, block_rows: int):
-    """Stream ``(start, u_k)`` blocks of checkpoint ``k`` for store rows ``[start, stop)`` only.
-
-    ``u_k`` is ``(n, d)`` float32, unweighted, equal bit for bit to the rows of
-    ``FeatureStore.vector_blocks`` (what an index part is built from: only the shards holding its rows
-    are read, each whole and digest-checked).
-    """
-    if block_rows < 1:
-        raise ConfigError(f"block_rows={block_rows} must be at least 1.")
-    buffer = None
-    first, last = start // store.shard_rows, (stop - 1) // store.shard_rows
-    for shard in range(first, last + 1) if stop > start else ():
-        block = store.read_shard(k, shard)
-        block = block.rows(max(block.start, start), min(block.stop, stop))
-        buffer = block if buffer is None else buffer.join(block)
-        while buffer.stop - buffer.start >= block_rows or (shard == last and buffer.stop > buffer.start):
-            piece = buffer.rows(buffer.start, min(buffer.stop, buffer.start + block_rows))
-            buffer = buffer.rows(piece.stop, buffer.stop)
-            try:
-                vectors = piece.train_vectors(kind)
-            except GradientError:  # again, naming the sample
-                vectors = piece.train_vectors(kind, store.ids[piece.start : piece.stop])
-            yield piece.start, vectors

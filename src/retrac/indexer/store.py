@@ -73,18 +73,9 @@ from retrac.query.vectors import train_vectors
 
 FORMAT_NAME = "retrac-feature-store"
 FORMAT_VERSION = 2  # 2: ids digest in the root attributes, scheduler config per checkpoint record
-MIN_CHUNK_BYTES = 1 << 20
 LOCATION_KEYS = ("path", "log", "source")  # where things live, not what they are: not compared
 COMPARED_KEYS = ("format", "config", "task", "projectors", "events", "checkpoints", "dataset")
 LEDGER_NAME = re.compile(r"shard-(\d+)\.json")
-
-
-def chunk_rows_for(shard_rows: int, row_bytes: int) -> int:
-    """The smallest divisor of ``shard_rows`` whose chunk holds at least ``MIN_CHUNK_BYTES``."""
-    for rows in range(1, shard_rows + 1):
-        if shard_rows % rows == 0 and rows * row_bytes >= MIN_CHUNK_BYTES:
-            return rows
-    return shard_rows
 
 
 def _strip_locations(value):
@@ -455,14 +446,14 @@ class FeatureStore:
         return train_vectors(self.features(k, rows), self.norms(k, rows), kind, self.valid(k, rows), ids)
 
     def vector_blocks(
-        self, k: int, kind: str, block_rows: int | None = None
+        self, k: int, kind: str, block_rows: int | None = None, rows: tuple[int, int] | None = None
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Stream ``(start, u_k)`` blocks of checkpoint ``k``: ``u_k`` is ``(n, d)`` float32, unweighted.
 
-        Digest-checked as :meth:`blocks` is; works on full and compact stores alike. The ids are read
-        only to name a sample in an error, so memory does not grow with ``N``.
+        Digest-checked as :meth:`blocks` is (``rows`` too); works on full and compact stores alike. The
+        ids are read only to name a sample in an error, so memory does not grow with ``N``.
         """
-        for block in self.blocks(k, block_rows):
+        for block in self.blocks(k, block_rows, rows=rows):
             try:
                 vectors = block.train_vectors(kind)
             except GradientError:  # again, naming the sample
@@ -543,11 +534,14 @@ class FeatureStore:
             return getattr(exc, "problem", str(exc))
         return None
 
-    def blocks(self, k: int, block_rows: int | None = None, verify: bool = True) -> Iterator[FeatureBlock]:
-        """Stream checkpoint ``k`` in row blocks of ``block_rows`` (default: one shard per block).
+    def blocks(
+        self, k: int, block_rows: int | None = None, verify: bool = True, rows: tuple[int, int] | None = None
+    ) -> Iterator[FeatureBlock]:
+        """Stream checkpoint ``k`` (its rows ``[start, stop)`` given ``rows``) in blocks of ``block_rows``.
 
-        Shards are read whole and, with ``verify``, checked against their ledger digests as they
-        stream (:meth:`read_shard`), so a damaged store is refused before a block of it is used.
+        Shards (those holding the rows) are read whole and, with ``verify``, checked against their ledger
+        digests as they stream (:meth:`read_shard`), so a damaged store is refused before a block of it is
+        used. A block is one shard unless ``block_rows`` is given.
 
         Raises:
             StoreDamagedError: a shard fails its digest (names the checkpoint, the shard and the fix).
@@ -555,9 +549,11 @@ class FeatureStore:
         step = block_rows or self.shard_rows
         if step < 1:
             raise ConfigError(f"block_rows={block_rows} must be at least 1.")
+        start, stop = (0, self.num_samples) if rows is None else rows
         buffer = None
-        for shard in range(self.num_shards):
+        for shard in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
             block = self.read_shard(k, shard, verify)
+            block = block.rows(max(block.start, start), min(block.stop, stop))  # a view; whole unless rows
             buffer = block if buffer is None else buffer.join(block)
             while buffer.stop - buffer.start >= step:
                 yield buffer.rows(buffer.start, buffer.start + step)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from retrac.indexer.rows import row_range_vector_blocks
 from retrac.query.index import SearchIndex, build_index, save_index
 from retrac.query.partition import PART_KEY, IndexPart
 from retrac.query.provenance import KERNEL_FILENAME, Kernel, kernel_arrays
@@ -28,10 +27,7 @@ DEFAULT_SEARCH_DEVICE = "auto"  # faiss: all GPUs when faiss-gpu sees one, else 
 
 def _store_vectors(store, method: Method, k: int, block_rows: int, rows: tuple[int, int] | None = None):
     """Yield ``(start, u_k)`` blocks of checkpoint ``k``: ``u_k`` is ``(n, d)`` float32, unweighted."""
-    if rows is None:
-        yield from store.vector_blocks(k, method.vectors, block_rows)  # full or compact store alike
-    else:
-        yield from row_range_vector_blocks(store, k, method.vectors, *rows, block_rows)
+    yield from store.vector_blocks(k, method.vectors, block_rows, rows=rows)  # full or compact store alike
 
 
 def train_vector_blocks(
