@@ -27,7 +27,7 @@ from retrac._io import read_json, record_differences
 from retrac.errors import ConfigError, DataError, IndexDamagedError, StoreMismatchError
 from retrac.query.building import index_manifest, train_vector_blocks
 from retrac.query.index import MANIFEST_FILENAME, SearchIndex, check_manifest, load_index, rebuild_command
-from retrac.query.index.checks import _as_queries
+from retrac.query.index.checks import _as_queries, _check_int_in_range
 from retrac.query.partition import PART_KEY, IndexPart, PartHits, check_cover
 from retrac.query.provenance import Kernel, derive_method
 from retrac.query.remote import PartServer, RemoteIndexPart, is_remote
@@ -302,11 +302,9 @@ class PartedIndex:
 
         Args and raises: as ``SearchIndex.find`` (``k`` at most the store's rows).
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_vectors:
-            raise ConfigError(
-                f"k={k!r} must be an integer in [1, {self.num_vectors}], the number of vectors in the index "
-                "parts; ask for fewer."
-            )
+        _check_int_in_range(
+            "k", k, self.num_vectors, "the number of vectors in the index parts; ask for fewer"
+        )
         queries = _as_queries(queries, self.dim)  # checked once, at the front
 
         def search(part) -> PartHits:

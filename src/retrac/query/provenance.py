@@ -28,7 +28,7 @@ import numpy as np
 from retrac.errors import GradientError, IndexDamagedError
 from retrac.query.index import SearchIndex, rebuild_command
 from retrac.query.index.search_index import _reconstructs
-from retrac.query.partition import PART_KEY
+from retrac.query.partition import IndexPart
 from retrac.query.vectors import VECTOR_KINDS, Method
 
 KERNEL_FILENAME = "kernel.npz"
@@ -60,6 +60,11 @@ def kernel_arrays(kernel: Kernel) -> dict[str, np.ndarray]:
     }
 
 
+def kernel_from_arrays(arrays) -> Kernel:
+    """The kernel of the arrays :func:`kernel_arrays` stores (an open ``np.load`` of ``kernel.npz``)."""
+    return Kernel(float(arrays["c"]), arrays["lambdas"], arrays["preconditioners"])
+
+
 def read_kernel(directory: str | os.PathLike, manifest: dict[str, Any]) -> Kernel | None:
     """The kernel of an index folder, from ``kernel.npz`` itself (``None`` when there is none).
 
@@ -79,7 +84,7 @@ def read_kernel(directory: str | os.PathLike, manifest: dict[str, Any]) -> Kerne
         )
     try:
         with np.load(path) as arrays:
-            return Kernel(float(arrays["c"]), arrays["lambdas"], arrays["preconditioners"])
+            return kernel_from_arrays(arrays)
     except (OSError, KeyError, ValueError) as error:
         raise IndexDamagedError(
             f"{path} cannot be read ({type(error).__name__}: {error}); {rebuild_command(manifest, directory)}."
@@ -192,9 +197,8 @@ def derive_method(
             f"{directory}: the manifest names method {claimed.name!r} (kernel c={claimed.kernel_c}), but the "
             f"folder holds {held}; the manifest does not describe this index: {hint}."
         )
-    entry = manifest.get(PART_KEY)  # an index part holds rows [start, stop) of the store
-    part = None if entry is None else (int(entry["start"]), int(entry["stop"]))
-    errors = vector_kind_errors(index, store, part=part)
+    part = IndexPart.from_manifest(manifest)  # an index part holds rows [start, stop) of the store
+    errors = vector_kind_errors(index, store, part=(part.start, part.stop))
     if errors is not None:
         best = min(errors, key=errors.get)
         if _exact_codes(index.index):

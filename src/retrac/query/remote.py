@@ -28,7 +28,7 @@ import numpy as np
 
 from retrac.errors import DataError, IndexDamagedError
 from retrac.query.partition import IndexPart, PartHits
-from retrac.query.provenance import KERNEL_FILENAME, Kernel
+from retrac.query.provenance import KERNEL_FILENAME, Kernel, kernel_from_arrays
 
 PARTS_FORMAT = "retrac-parts"
 PARTS_FORMAT_VERSION = 1
@@ -128,7 +128,7 @@ class PartServer:
                 "records; rebuild that part (retrac build --part I/N)."
             )
         with np.load(io.BytesIO(data)) as arrays:
-            return Kernel(float(arrays["c"]), arrays["lambdas"], arrays["preconditioners"])
+            return kernel_from_arrays(arrays)
 
     def close(self) -> None:
         self._client.close()
