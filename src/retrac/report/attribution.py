@@ -14,7 +14,9 @@ from retrac.report.html import TrainThumbnails, image_cell, save_png, write_page
 SCORE_NOTE = (
     "Score I(z, z') = sum_k w_k &lt;u_k(z), q_k(z')&gt;: positive = proponent (a training step on z lowers the "
     "loss on the query z'). TracIn scores carry gradient magnitudes; ReTrac normalises every gradient "
-    "per timestep, so its scores lie in [-sum w_k, sum w_k]."
+    "per timestep, so its scores lie in [-sum w_k, sum w_k]; with the kernel (dtrak, trak, retrac+kernel) the "
+    "query is preconditioned by (Phi^T Phi + lambda I)^-1, so those scores are on the TRAK scale. Scores compare "
+    "across queries of one method, not across methods."
 )
 
 
