@@ -74,13 +74,20 @@ from retrac.lds import DemoTrainer, LDSConfig, LDSRun, attributor_scores, counte
 from retrac.lds.metrics import pixel_scores, random_scores
 from retrac.lds.run import images_sha256
 from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
-from retrac.query.vectors import KernelAccumulator, Method, query_vectors, train_vectors
+from retrac.query.vectors import VECTOR_KINDS, KernelAccumulator, Method, query_vectors, train_vectors
 from retrac.sampling import generate_images
+from retrac.task import DiffusionTask
 
 FAMILIES = ("tracin", "retrac", "trak", "dtrak", "retrac+kernel")
 # beyond the anchors: scored and reported, never the benchmark's default (retrac does not ship them)
-# unless adopted; dtrak+retrac = D-TRAK's sqnorm gradients normalised per event (ReTrac) with the kernel
-CANDIDATES = ("dtrak+retrac",)
+# unless adopted; dtrak+retrac = D-TRAK's sqnorm gradients normalised per event (ReTrac) with the kernel;
+# das = a kernel score on the sqnorm store (tracin or retrac vectors, chosen on validation) with each
+# training sample's term weighted by its residual r_k(z) at the checkpoint (train_residuals): the
+# residual weighting of DAS (Lin et al., ICLR 2025), which D-TRAK's sqnorm features leave out
+# dtrak-events = D-TRAK's vectors with the kernel built from every event's features instead of the
+# per-sample means: one kernel sum_(z,e) phi phi^T (the Gauss-Newton matrix of the summed objective), or
+# one per query timestep bin (each query timestep against the train events in its bin)
+CANDIDATES = ("dtrak+retrac", "das", "dtrak-events")
 ALL_FAMILIES = FAMILIES + CANDIDATES
 STARTED = time.perf_counter()
 
@@ -168,12 +175,22 @@ def variant_names(kernel_cs: list[float]) -> dict[str, list[tuple[str, str, floa
         "retrac+kernel": [(f"retrac+kernel-c{c:g}", "retrac", c) for c in kernel_cs],
         "dtrak": [(f"dtrak-c{c:g}", "tracin", c) for c in kernel_cs],
         "dtrak+retrac": [(f"dtrak+retrac-c{c:g}", "retrac", c) for c in kernel_cs],
+        "das": [(f"das-{kind}-c{c:g}", kind, c) for kind in VECTOR_KINDS for c in kernel_cs],
+        "dtrak-events": [
+            (f"dtrak-events-{how}-c{c:g}", how, c) for how in ("pooled", "binned") for c in kernel_cs
+        ],
     }
 
 
-def exact_scores(store, features: list[np.ndarray], variants: list[tuple[str, str, float | None]]) -> dict:
+def exact_scores(
+    store,
+    features: list[np.ndarray],
+    variants: list[tuple[str, str, float | None]],
+    train_weights: np.ndarray | None = None,
+) -> dict:
     """``{variant: (n, N)}`` scores ``I(z, z') = sum_k w_k <u_k(z), q_k(z')>`` (kernel: ``q_k <-
     (Phi_k^T Phi_k + lambda_k I)^-1 q_k``, ``lambda_k = c mean ||u_k||^2``) from one set of query features.
+    ``train_weights`` ``(K, N)``: each term weighted by ``r_k(z)`` after the kernel (``das``).
 
     Computed in float64 with retrac's own ``train_vectors`` / ``query_vectors`` / ``KernelAccumulator``,
     the functions ``build_attribution_index`` and ``Attributor`` use, so that every kernel ``c`` and
@@ -197,7 +214,74 @@ def exact_scores(store, features: list[np.ndarray], variants: list[tuple[str, st
                 if vector_kind != kind:
                     continue
                 q_c = q if c is None else q @ gram.preconditioner(c)[0].T
-                out[name] += weight * q_c @ u.T
+                terms = q_c @ u.T
+                out[name] += weight * (terms if train_weights is None else terms * train_weights[k])
+    return out
+
+
+def event_kernel_scores(
+    store, features: list[np.ndarray], variants: list[tuple[str, str, float | None]]
+) -> dict:
+    """``dtrak-events`` scores from the store's per-event features ``phi_k(z, e)`` and the query's
+    per-timestep features ``g_kj``, with ``lambda = c * mean ||phi||^2`` over the kernel's rows:
+
+    * ``pooled``: ``sum_k w_k q_k^T (sum_(z,e) phi phi^T + lambda I)^-1 u_k(z)``, ``q_k = mean_j g_kj``;
+    * ``binned``: ``sum_k w_k mean_j g_kj^T (K_kj + lambda_kj I)^-1 sum_(e in bin j) phi_k(z, e) / S``,
+      ``K_kj`` over the train events whose timestep lies in query bin ``j`` (``floor(t T_q / T)``).
+    """
+    n, big_t = features[0].shape[0], store.attrs["task"]["num_train_timesteps"]
+    out = {name: np.zeros((n, store.num_samples)) for name, _, _ in variants}
+    for k, weight in enumerate(store.weights):
+        g = features[k].astype(np.float64).mean(axis=2)  # (n, T_q, d) g_kj
+        t_q = g.shape[1]
+        phi = np.concatenate([b.features for b in store.blocks(k)]).astype(np.float64)  # (N, S, d)
+        times = np.concatenate([b.timesteps for b in store.blocks(k)])  # (N, S)
+        bins = times.astype(np.int64) * t_q // big_t  # query bin of every train event
+        rows = phi.reshape(-1, phi.shape[2])
+        pooled = KernelAccumulator(store.dim)
+        pooled.add(rows)
+        per_bin = []
+        for j in range(t_q):
+            mask = bins == j
+            gram = KernelAccumulator(store.dim)
+            gram.add(phi[mask])
+            binned_sum = (phi * mask[..., None]).sum(axis=1)  # (N, d) sum of sample z's events in bin j
+            per_bin.append((gram, binned_sum))
+        u = phi.mean(axis=1)
+        for name, how, c in variants:
+            if how == "pooled":
+                out[name] += weight * (g.mean(axis=1) @ pooled.preconditioner(c)[0].T) @ u.T
+                continue
+            for j, (gram, binned_sum) in enumerate(per_bin):
+                if gram.count:
+                    q_j = g[:, j] @ gram.preconditioner(c)[0].T
+                    out[name] += weight * (q_j @ binned_sum.T) / (t_q * phi.shape[1])
+    return out
+
+
+@torch.no_grad()
+def train_residuals(store, checkpoints: list[str], pool: ImageDataset) -> np.ndarray:
+    """``(K, N)`` residuals ``r_k(z) = sqrt(mean_e ||eps_theta_k(x_t, t) - eps||^2 / D)`` of every pool
+    sample at the store's own events (timesteps and noise of ``store.config``): what featurization
+    could record at no extra forward pass."""
+    config = store.config
+    out = np.zeros((len(checkpoints), store.num_samples))
+    for k, path in enumerate(checkpoints):
+        task = DiffusionTask(load_unet(path), load_scheduler(path), "loss")
+        plan = config.schedule.plan(
+            store.ids, task.num_train_timesteps, config.seed, [None] * len(checkpoints)
+        )
+        for start in range(0, store.num_samples, 100):
+            rows = list(range(start, min(start + 100, store.num_samples)))
+            events = plan.events(k, rows)
+            noise = events.noise(tuple(pool.images.shape[1:]))  # (b, S, C, H, W)
+            b, s = events.timesteps.shape
+            values = task.per_sample_objective(
+                pool.images[rows].repeat_interleave(s, dim=0),
+                torch.from_numpy(events.timesteps).reshape(-1),
+                noise.flatten(0, 1),
+            )
+            out[k, rows] = values.double().reshape(b, s).mean(dim=1).sqrt().numpy()
     return out
 
 
@@ -235,7 +319,7 @@ def setting_scores(
     names = variant_names(args.kernel_c)
     used = checkpoints if setting.checkpoints == "all" else checkpoints[-1:]
     events = QueryEvents.preset(args.query_events, args.seed)
-    sqnorm_families = ["dtrak", "dtrak+retrac"]
+    sqnorm_families = ["dtrak", "dtrak+retrac", "das", "dtrak-events"]
     for objective, families in (
         ("loss", [f for f in ALL_FAMILIES if f not in sqnorm_families]),
         ("sqnorm", sqnorm_families),
@@ -266,7 +350,16 @@ def setting_scores(
             features = attributor.query_features(images)
             atomic_save_npz(cache, **{f"k{k}": f for k, f in enumerate(features)})
         queried = time.perf_counter()
-        scores = exact_scores(store, features, variants)
+        special = names["das"] + names["dtrak-events"]
+        scores = exact_scores(store, features, [v for v in variants if v not in special])
+        if "dtrak-events" in families:
+            scores.update(event_kernel_scores(store, features, names["dtrak-events"]))
+        if "das" in families:
+            residuals = cached_npy(
+                out / "residuals" / f"{setting.name}.npy",
+                lambda store=store: train_residuals(store, used, pool),
+            )
+            scores.update(exact_scores(store, features, names["das"], train_weights=residuals))
         record = {"stage": "scores", "setting": setting.name, "objective": objective}
         if reference is not None:
             method, matrix = reference
