@@ -44,7 +44,8 @@ import numpy as np
 
 def synthetic_store(path: Path, samples: int, events: int, dim: int, checkpoints: int, shard_rows: int):
     from retrac.indexer import FeatureStore, IndexConfig
-    from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION, chunk_rows_for
+    from retrac.indexer.layout import chunk_rows_for
+    from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION
 
     config = IndexConfig(events=f"stratified:{events}", projector="dense", dim=dim, shard_rows=shard_rows)
     scheduler = {"num_train_timesteps": 1000, "prediction_type": "epsilon"}

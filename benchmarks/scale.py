@@ -147,7 +147,8 @@ def local_scaling(work: Path, samples: int) -> dict:
 # ---------------------------------------------------------------------- (b) the synthetic store
 def synthetic_attrs(n: int, dim: int) -> dict:
     from retrac.indexer.config import IndexConfig
-    from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION, chunk_rows_for
+    from retrac.indexer.layout import chunk_rows_for
+    from retrac.indexer.store import FORMAT_NAME, FORMAT_VERSION
 
     config = IndexConfig(events="1", projector="dense", dim=dim, dtype="float16", shard_rows=SHARD_ROWS)
     return {
