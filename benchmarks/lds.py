@@ -22,6 +22,9 @@ Setup:
   ``dtrak`` (tracin vectors + kernel, ``sqnorm`` store), ``retrac+kernel``; ``c`` from ``--kernel-c``
   (lambda_k = c * mean ||u_k||^2). Flat indexes: every training sample is scored. Factored projector,
   query events 10 x 2.
+* **Candidates** (scored and reported, never the default): ``dtrak+retrac``, ``das`` (the kernel score
+  weighted by each training sample's residual at the store's events) and ``dtrak-events`` (the kernel
+  over every event's features, pooled or per query-timestep bin); see ``CANDIDATES``.
 * **Configurations** (cheapest first): events ``stratified:S`` for ``S`` in ``--events`` (1, 4, 10,
   32, 100) at ``--dim`` 512 with all checkpoints; ``--dims`` (128, 2048) at ``S = --dim-events`` (10);
   the last checkpoint alone at ``S = --dim-events``; the ``S = --dim-events`` setting featurized with
