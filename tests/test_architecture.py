@@ -145,3 +145,38 @@ def test_projection_dependencies_point_one_way():
 def test_module_size(name):
     lines = len(module_files()[name].read_text().splitlines())
     assert lines <= MAX_MODULE_LINES, f"{name} has {lines} lines; split it by responsibility"
+
+
+BENCHMARKS = PACKAGE_ROOT.parents[1] / "benchmarks"
+
+
+def retrac_names_imported(path: Path) -> list[tuple[str, str, int]]:
+    """``(module, name, line)`` of every ``from retrac... import name`` in ``path``, at any depth."""
+    found = []
+    for node in _imports(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("retrac"):
+            found.extend((node.module, alias.name, node.lineno) for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(BENCHMARKS.glob("*.py")), ids=lambda p: p.name)
+def test_benchmark_imports_resolve(path):
+    """A benchmark's function-level ``from retrac.x import y`` still finds ``y`` after a refactor (these
+    imports run only when the phase does, minutes into a benchmark)."""
+    import importlib
+
+    missing = []
+    for module, name, line in retrac_names_imported(path):
+        if not hasattr(importlib.import_module(module), name) and f"{module}.{name}" not in module_files():
+            missing.append(f"line {line}: from {module} import {name}")
+    assert not missing, f"{path.name} imports names retrac no longer has: {missing}"
+
+
+def test_benchmark_import_check_sees_function_level_imports(tmp_path):
+    """The checker itself: an import inside a function is found, and a name that moved is reported."""
+    script = tmp_path / "bench.py"
+    script.write_text("def phase():\n    from retrac.indexer.store import chunk_rows_for\n")
+    assert retrac_names_imported(script) == [("retrac.indexer.store", "chunk_rows_for", 2)]
+    import importlib
+
+    assert not hasattr(importlib.import_module("retrac.indexer.store"), "chunk_rows_for")
