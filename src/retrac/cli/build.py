@@ -63,6 +63,12 @@ def add_build_command(sub) -> None:
         help="RAM the index may hold, e.g. 8G or 512M: auto picks what fits, and IVF lists beyond it go to "
         "disk (index.ivfdata, memory-mapped at query) (default: half the machine's RAM)",
     )
+    p.add_argument(
+        "--rerank-vectors",
+        action="store_true",
+        help="also keep the exact train vectors in the index folder (vectors.npy, 4 x rows x dims bytes): "
+        "retrac query --rerank then reads only its candidates' rows, memory-mapped, not whole store shards",
+    )
     add_compute_options(
         p,
         device_default=DEFAULT_SEARCH_DEVICE,
@@ -86,9 +92,11 @@ def _run_build(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         max_memory=args.max_memory,
         part=args.part,
+        rerank_vectors=args.rerank_vectors,
     )
     recall = f", recall@10 vs flat {built.recall['recall_at_10']:.3f}" if built.recall else ""
     on_disk = ", inverted lists on disk (index.ivfdata)" if built.build_params.get("on_disk") else ""
+    on_disk += ", exact vectors for re-ranking (vectors.npy)" if args.rerank_vectors else ""
     part = ""
     if args.part is not None:
         from retrac.query.index import read_manifest

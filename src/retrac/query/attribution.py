@@ -412,10 +412,7 @@ class Attributor:
         found = loaded.index.find(queries, depth, opponents=opponents, ef_search=ef_search)
         scores, indices = found.scores, found.indices
         if rerank is not None:  # exact scores of the top `depth` candidates, best k kept
-            kind = loaded.method.vectors
-            scores, indices = rerank_candidates(
-                queries, indices, lambda rows: train_vector_rows(self._store, kind, rows), k, opponents
-            )
+            scores, indices = rerank_candidates(queries, indices, self._exact_rows(loaded), k, opponents)
         ids = self._store.ids
         return AttributionResult(
             method=loaded.method.name,
@@ -426,6 +423,15 @@ class Attributor:
             search_note=found.note,
             query_ids=None if query_ids is None else list(query_ids),
         )
+
+    def _exact_rows(self, loaded: LoadedIndex):
+        """``rows -> U(z)`` of re-ranking candidates: the index's own ``vectors.npy`` (memory-mapped, only
+        those rows read) when built with it, else the store (each shard holding a candidate read whole
+        and digest-checked). Both give the bits the index was built from."""
+        if loaded.vectors is not None:
+            return lambda rows: np.asarray(loaded.vectors[rows])
+        kind = loaded.method.vectors
+        return lambda rows: train_vector_rows(self._store, kind, rows)
 
     def _method(self, method: str | None) -> LoadedIndex:
         if method is None:

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from retrac.errors import DataError
 from retrac.query.index import SearchIndex, build_index, save_index
+from retrac.query.index.rerank import RERANK_VECTORS_FILENAME, RERANK_VECTORS_KEY
 from retrac.query.partition import PART_KEY, IndexPart
 from retrac.query.provenance import KERNEL_FILENAME, Kernel, kernel_arrays
 from retrac.query.vectors import KernelAccumulator, Method, default_method
@@ -64,6 +66,7 @@ def build_attribution_index(
     progress: bool = True,
     max_memory: int | None = None,
     part: str | tuple[int, int] | None = None,
+    rerank_vectors: bool = False,
 ) -> SearchIndex:
     """Build the FAISS inner-product index of ``method`` over a complete feature store.
 
@@ -83,6 +86,9 @@ def build_attribution_index(
         part: ``"I/N"`` or ``(I, N)``: index only the I-th (from 0) of N contiguous row ranges of the
             store (:class:`~retrac.query.partition.IndexPart`); default every row. The kernel is still
             accumulated over every row, so that all parts fold the same kernel into a query.
+        rerank_vectors: also write the index's exact train vectors (``vectors.npy``, ``4 N D`` bytes on
+            disk, digested like the FAISS file); re-ranking then reads its candidates' rows from it,
+            memory-mapped, instead of whole store shards (one more pass over the store).
 
     Returns:
         The built ``SearchIndex``; its manifest records the method, the store fingerprint, the
@@ -128,12 +134,32 @@ def build_attribution_index(
         memory_budget_bytes=max_memory,
     )
     manifest = index_manifest(store, method, kernel_record)
+    if rerank_vectors:
+        files[RERANK_VECTORS_FILENAME] = lambda path: write_vectors(
+            path, train_vector_blocks(store, method, block_rows, span), num_rows, dim
+        )
+        manifest[RERANK_VECTORS_KEY] = {"file": RERANK_VECTORS_FILENAME, "dtype": "float32"}
     if rows is not None:
         manifest[PART_KEY] = rows.to_dict()
     # where the store is relative to this index, when both lie under one root: the tree can move
     manifest["store"]["relative_path"] = relative_record(store.url, out)
     save_index(built, out, manifest, files=files)  # one folder, one rename
     return built
+
+
+def write_vectors(path: str, blocks, num_rows: int, dim: int) -> None:
+    """Write the streamed ``(n, dim)`` blocks as one ``(num_rows, dim)`` float32 ``.npy`` at ``path``."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(num_rows, dim))
+    start = 0
+    for block in blocks:
+        if start + block.shape[0] > num_rows:
+            raise DataError(f"the store streamed more than the index's {num_rows} rows; rebuild the index.")
+        out[start : start + block.shape[0]] = block
+        start += block.shape[0]
+    if start != num_rows:
+        raise DataError(f"the store streamed {start} rows for an index of {num_rows}; rebuild the index.")
+    out.flush()
+    del out
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:

@@ -28,6 +28,7 @@ from retrac.errors import ConfigError, DataError, IndexDamagedError, StoreMismat
 from retrac.query.building import index_manifest, train_vector_blocks
 from retrac.query.index import MANIFEST_FILENAME, SearchIndex, check_manifest, load_index, rebuild_command
 from retrac.query.index.checks import _as_queries, _check_int_in_range
+from retrac.query.index.rerank import open_rerank_vectors
 from retrac.query.partition import PART_KEY, IndexPart, PartHits, check_cover
 from retrac.query.provenance import Kernel, derive_method
 from retrac.query.remote import PartServer, RemoteIndexPart, is_remote
@@ -47,6 +48,8 @@ class LoadedIndex:
         method: the method, re-derived from what was built (docs/design.md section 6).
         index: a ``SearchIndex`` (one folder), or a :class:`PartedIndex` (parts, or a part server).
         preconditioners: ``(K, d, d)`` float64 kernel folded into queries, or ``None``.
+        vectors: the folder's exact train vectors ``(N, D)`` (``retrac build --rerank-vectors``),
+            memory-mapped, that re-ranking reads; ``None``: re-ranking reads the store's shards.
     """
 
     directory: Path | str
@@ -54,6 +57,7 @@ class LoadedIndex:
     method: Method
     index: Any
     preconditioners: np.ndarray | None = None
+    vectors: np.ndarray | None = None
 
 
 @dataclass
@@ -212,8 +216,9 @@ def load_indexes(sources: Sequence[IndexSource], store) -> dict[str, LoadedIndex
             raise ConfigError(f"two indexes of method {name!r}; give one index per method.")
         if len(members) == 1 and source.remote is None and part.part.count == 1:  # one folder, as it is
             preconditioners = None if kernel is None else kernel.preconditioners
+            vectors = open_rerank_vectors(source.where, source.manifest, part.num_vectors, part.dim)
             loaded[name] = LoadedIndex(
-                Path(source.where), source.manifest, method, part.index, preconditioners
+                Path(source.where), source.manifest, method, part.index, preconditioners, vectors
             )
             continue
         order = check_cover(name, [(m[0].where, m[1].part) for m in members], store.num_samples)

@@ -11,10 +11,16 @@ float32); recall is what the candidate list allows (``depth`` of 4 x ``k`` to 10
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-from retrac.errors import ConfigError, DataError
+from retrac.errors import ConfigError, DataError, IndexDamagedError
+
+# the exact train vectors U(z) of an index's rows, float32 (N, D), in the index folder (retrac build
+# --rerank-vectors): re-ranking reads its candidates' rows memory-mapped instead of whole store shards
+RERANK_VECTORS_FILENAME = "vectors.npy"
+RERANK_VECTORS_KEY = "rerank_vectors"
 
 
 def exact_scores(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -25,6 +31,32 @@ def exact_scores(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return (np.asarray(queries, dtype=np.float64) @ np.asarray(vectors, dtype=np.float64).T).astype(
         np.float32
     )
+
+
+def open_rerank_vectors(
+    directory: str | Path, manifest: dict, num_vectors: int, dim: int
+) -> np.ndarray | None:
+    """The index folder's exact train vectors ``(N, D)`` float32, memory-mapped; ``None`` if built without.
+
+    The file's digest is checked with the folder's (``load_index``) before this opens it; here its shape
+    and dtype are checked against the index's rows.
+
+    Raises:
+        IndexDamagedError: a file of another shape or dtype than the index's rows.
+    """
+    if not manifest.get(RERANK_VECTORS_KEY):
+        return None
+    path = Path(directory) / RERANK_VECTORS_FILENAME
+    try:
+        vectors = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise IndexDamagedError(f"{path} cannot be read ({exc}); rebuild the index (retrac build).") from None
+    if vectors.shape != (num_vectors, dim) or vectors.dtype != np.float32:
+        raise IndexDamagedError(
+            f"{path} holds {vectors.dtype} {vectors.shape}, not the index's float32 {(num_vectors, dim)}; "
+            "rebuild the index (retrac build)."
+        )
+    return vectors
 
 
 def rerank(
