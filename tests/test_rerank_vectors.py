@@ -115,3 +115,16 @@ def test_cli_build_rerank_vectors(world, tmp_path, capsys):
     assert np.array_equal(
         np.load(out / RERANK_VECTORS_FILENAME), np.load(world["vectors"]["tracin"] / RERANK_VECTORS_FILENAME)
     )
+
+
+def test_write_vectors_checks_the_row_count(tmp_path):
+    from retrac.errors import DataError
+    from retrac.query.building import write_vectors
+
+    blocks = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((1, 3), dtype=np.float16)]
+    write_vectors(str(tmp_path / "v.npy"), iter(blocks), 3, 3)
+    assert np.array_equal(np.load(tmp_path / "v.npy"), np.concatenate(blocks).astype(np.float32))
+    with pytest.raises(DataError, match="2 rows for an index of 3"):
+        write_vectors(str(tmp_path / "w.npy"), iter(blocks[:1]), 3, 3)
+    with pytest.raises(DataError, match="past the index"):
+        write_vectors(str(tmp_path / "x.npy"), iter(blocks), 2, 3)

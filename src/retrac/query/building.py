@@ -148,18 +148,25 @@ def build_attribution_index(
 
 
 def write_vectors(path: str, blocks, num_rows: int, dim: int) -> None:
-    """Write the streamed ``(n, dim)`` blocks as one ``(num_rows, dim)`` float32 ``.npy`` at ``path``."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(num_rows, dim))
-    start = 0
-    for block in blocks:
-        if start + block.shape[0] > num_rows:
-            raise DataError(f"the store streamed more than the index's {num_rows} rows; rebuild the index.")
-        out[start : start + block.shape[0]] = block
-        start += block.shape[0]
-    if start != num_rows:
-        raise DataError(f"the store streamed {start} rows for an index of {num_rows}; rebuild the index.")
-    out.flush()
-    del out
+    """Write the streamed ``(n, dim)`` blocks as one ``(num_rows, dim)`` float32 ``.npy`` at ``path``.
+
+    Written block by block through the file (not a memory map, whose dirty pages would count in the
+    build's resident memory), so memory stays one block whatever ``num_rows``.
+    """
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+    written = 0
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {**header, "shape": (num_rows, dim)})
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            if written + block.shape[0] > num_rows or block.shape[1:] != (dim,):
+                raise DataError(
+                    f"the store streamed a block {block.shape} past the index's ({num_rows}, {dim}); rebuild."
+                )
+            handle.write(block.tobytes())
+            written += block.shape[0]
+    if written != num_rows:
+        raise DataError(f"the store streamed {written} rows for an index of {num_rows}; rebuild the index.")
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
