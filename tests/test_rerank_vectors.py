@@ -2,7 +2,7 @@
 
 Relations, not numbers: ``vectors.npy`` holds the rows the index was built from, bit for bit; re-ranking
 from it gives the same rows and scores as re-ranking from the store's shards (which it then never
-reads); a changed file is refused by its digest; parts re-rank from the store as before.
+reads); a changed file is refused by its digest; local parts built with it re-rank from theirs.
 """
 
 from __future__ import annotations
@@ -54,8 +54,20 @@ def world(tmp_path_factory):
             build_attribution_index(
                 store, out, method, kernel=kernel, index="hnsw", progress=False, rerank_vectors=keep
             )
+    parts = [root / "parts" / f"part-{i}" for i in range(3)]
+    for i, out in enumerate(parts):
+        build_attribution_index(
+            store, out, "tracin", index="hnsw", progress=False, part=f"{i}/3", rerank_vectors=True
+        )
     queries = torch.rand(3, 1, 8, 8, generator=generator) * 2 - 1
-    return {"root": root, "store": store, "plain": plain, "vectors": with_vectors, "queries": queries}
+    return {
+        "root": root,
+        "store": store,
+        "plain": plain,
+        "vectors": with_vectors,
+        "parts": parts,
+        "queries": queries,
+    }
 
 
 def _attributor(indexes) -> Attributor:
@@ -128,3 +140,15 @@ def test_write_vectors_checks_the_row_count(tmp_path):
         write_vectors(str(tmp_path / "w.npy"), iter(blocks[:1]), 3, 3)
     with pytest.raises(DataError, match="past the index"):
         write_vectors(str(tmp_path / "x.npy"), iter(blocks), 2, 3)
+
+
+def test_parts_rerank_from_their_own_vectors(world, monkeypatch):
+    """Parts of 7, 8 and 8 rows (boundaries inside shards), each with its vectors.npy: re-ranking every
+    row as a candidate gives what the whole index re-ranked from the store gives, without the store."""
+    expected = _attributor([world["plain"]["tracin"]]).attribute(
+        world["queries"], 6, "tracin", rerank=N_TRAIN
+    )
+    monkeypatch.setattr(attribution, "train_vector_rows", lambda *a, **k: pytest.fail("read the store"))
+    got = _attributor(world["parts"]).attribute(world["queries"], 6, "tracin", rerank=N_TRAIN)
+    assert np.array_equal(got.indices, expected.indices)
+    assert np.array_equal(got.scores, expected.scores)

@@ -49,7 +49,8 @@ class LoadedIndex:
         index: a ``SearchIndex`` (one folder), or a :class:`PartedIndex` (parts, or a part server).
         preconditioners: ``(K, d, d)`` float64 kernel folded into queries, or ``None``.
         vectors: the folder's exact train vectors ``(N, D)`` (``retrac build --rerank-vectors``),
-            memory-mapped, that re-ranking reads; ``None``: re-ranking reads the store's shards.
+            memory-mapped, that re-ranking reads (for local parts all built with them, a
+            :class:`PartVectors`); ``None``: re-ranking reads the store's shards.
     """
 
     directory: Path | str
@@ -57,7 +58,7 @@ class LoadedIndex:
     method: Method
     index: Any
     preconditioners: np.ndarray | None = None
-    vectors: np.ndarray | None = None
+    vectors: Any = None
 
 
 @dataclass
@@ -229,8 +230,40 @@ def load_indexes(sources: Sequence[IndexSource], store) -> dict[str, LoadedIndex
             kernel = part.kernel()
         preconditioners = None if kernel is None else kernel.preconditioners
         parted = PartedIndex([m[1] for m in members])
-        loaded[name] = LoadedIndex(source.where, source.manifest, method, parted, preconditioners)
+        vectors = PartVectors.of(members)
+        loaded[name] = LoadedIndex(source.where, source.manifest, method, parted, preconditioners, vectors)
     return loaded
+
+
+class PartVectors:
+    """The ``vectors.npy`` of local parts (``--rerank-vectors``), indexed by store rows like one array."""
+
+    def __init__(self, parts: list[tuple[IndexPart, np.ndarray]]) -> None:
+        self.parts = parts  # in row order, covering the store once (check_cover)
+        self.starts = np.array([part.start for part, _ in parts])
+
+    @classmethod
+    def of(cls, members: list) -> PartVectors | None:
+        """The parts' vectors when every part is a local folder built with them, else ``None``."""
+        found = []
+        for source, part, _, _ in members:
+            if source.remote is not None:
+                return None
+            vectors = open_rerank_vectors(source.where, source.manifest, part.num_vectors, part.dim)
+            if vectors is None:
+                return None
+            found.append((part.part, vectors))
+        return cls(found)
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((rows.shape[0], self.parts[0][1].shape[1]), dtype=np.float32)
+        for number in np.unique(which):
+            where = np.flatnonzero(which == number)
+            part, vectors = self.parts[number]
+            out[where] = vectors[rows[where] - part.start]
+        return out
 
 
 class LocalIndexPart:
