@@ -563,7 +563,7 @@ def summary(result: dict, n_subsets: int, n_test: int, n_report: int) -> dict:
         "lds_random": base["random"]["lds"],
     }
     for family in ALL_FAMILIES:
-        key = "lds_" + family.replace("+", "_")
+        key = "lds_" + family.replace("+", "_").replace("-", "_")
         record[key] = heads[family]["lds"]
         record[key + "_ci"] = heads[family]["ci"]
         record[key + "_setting"] = f"{heads[family]['setting']} {heads[family]['variant']}"
@@ -575,7 +575,7 @@ def summary(result: dict, n_subsets: int, n_test: int, n_report: int) -> dict:
     record["default_method_test_specific"] = default_specific
     record["default_setting_test_specific"] = specific[default_specific]["setting"]
     for family in ALL_FAMILIES:
-        key = "lds_" + family.replace("+", "_") + "_test_specific"
+        key = "lds_" + family.replace("+", "_").replace("-", "_") + "_test_specific"
         record[key] = specific[family]["lds"]
         record[key + "_ci"] = specific[family]["ci"]
         record[key + "_setting"] = f"{specific[family]['setting']} {specific[family]['variant']}"
