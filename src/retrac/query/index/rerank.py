@@ -10,6 +10,7 @@ float32); recall is what the candidate list allows (``depth`` of 4 x ``k`` to 10
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +49,17 @@ def open_rerank_vectors(
         return None
     path = Path(directory) / RERANK_VECTORS_FILENAME
     try:
-        vectors = np.load(path, mmap_mode="r")
+        with open(path, "rb") as handle:
+            np.lib.format.read_magic(handle)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            offset = handle.tell()
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        # candidates are scattered rows: no read-ahead, so only their pages are read (and resident)
+        mapped.madvise(mmap.MADV_RANDOM)
+        if len(shape) != 2 or fortran:
+            raise ValueError(f"an array of shape {shape} (fortran order {fortran}), not rows x dims")
+        count = int(shape[0]) * int(shape[1])
+        vectors = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
     except (OSError, ValueError) as exc:
         raise IndexDamagedError(f"{path} cannot be read ({exc}); rebuild the index (retrac build).") from None
     if vectors.shape != (num_vectors, dim) or vectors.dtype != np.float32:
