@@ -284,7 +284,7 @@ def query_phase(index_path: Path, work: Path, dim: int) -> dict:
 def rerank_phase(store_path: Path, index_path: Path, work: Path, dim: int) -> dict:
     """The index's top ``RERANK_DEPTH`` at a fixed ``efSearch`` / ``nprobe``, re-scored exactly
     (``retrac.query.index.rerank``), the candidates' vectors read two ways, each timed with the search:
-    from the index's ``vectors.npy`` (``--rerank-vectors``: memory-mapped, only the candidates' rows;
+    from the index's ``vectors.npy`` (``--rerank-vectors``: only the candidates' rows, each with a positioned read;
     ``seconds``) and from the store (the shards holding candidates read whole, digest-checked;
     ``store_seconds``). Both must give the same rows."""
     from retrac.indexer.rows import train_vector_rows

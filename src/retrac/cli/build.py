@@ -67,7 +67,7 @@ def add_build_command(sub) -> None:
         "--rerank-vectors",
         action="store_true",
         help="also keep the exact train vectors in the index folder (vectors.npy, 4 x rows x dims bytes): "
-        "retrac query --rerank then reads only its candidates' rows, memory-mapped, not whole store shards",
+        "retrac query --rerank then reads only its candidates' rows, not whole store shards",
     )
     add_compute_options(
         p,

@@ -425,7 +425,7 @@ class Attributor:
         )
 
     def _exact_rows(self, loaded: LoadedIndex):
-        """``rows -> U(z)`` of re-ranking candidates: the index's own ``vectors.npy`` (memory-mapped, only
+        """``rows -> U(z)`` of re-ranking candidates: the index's own ``vectors.npy`` (only
         those rows read) when built with it, else the store (each shard holding a candidate read whole
         and digest-checked). Both give the bits the index was built from."""
         if loaded.vectors is not None:

@@ -49,7 +49,7 @@ class LoadedIndex:
         index: a ``SearchIndex`` (one folder), or a :class:`PartedIndex` (parts, or a part server).
         preconditioners: ``(K, d, d)`` float64 kernel folded into queries, or ``None``.
         vectors: the folder's exact train vectors ``(N, D)`` (``retrac build --rerank-vectors``),
-            memory-mapped, that re-ranking reads (for local parts all built with them, a
+            read row by row, that re-ranking reads (for local parts all built with them, a
             :class:`PartVectors`); ``None``: re-ranking reads the store's shards.
     """
 
