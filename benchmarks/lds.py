@@ -190,10 +190,12 @@ def exact_scores(
     features: list[np.ndarray],
     variants: list[tuple[str, str, float | None]],
     train_weights: np.ndarray | None = None,
+    weighted: frozenset[str] = frozenset(),
 ) -> dict:
     """``{variant: (n, N)}`` scores ``I(z, z') = sum_k w_k <u_k(z), q_k(z')>`` (kernel: ``q_k <-
     (Phi_k^T Phi_k + lambda_k I)^-1 q_k``, ``lambda_k = c mean ||u_k||^2``) from one set of query features.
-    ``train_weights`` ``(K, N)``: each term weighted by ``r_k(z)`` after the kernel (``das``).
+    ``train_weights`` ``(K, N)``: the terms of the variants named in ``weighted`` are weighted by
+    ``r_k(z)`` after the kernel (``das``); each kernel is inverted once for every variant that uses it.
 
     Computed in float64 with retrac's own ``train_vectors`` / ``query_vectors`` / ``KernelAccumulator``,
     the functions ``build_attribution_index`` and ``Attributor`` use, so that every kernel ``c`` and
@@ -213,12 +215,13 @@ def exact_scores(
             q = query_vectors(features[k], kind).astype(np.float64)  # (n, d) q_k(z')
             gram = KernelAccumulator(store.dim)
             gram.add(u)
+            terms = {}  # (n, N) q_c(z') . u_k(z) per kernel c of this kind
             for name, vector_kind, c in variants:
                 if vector_kind != kind:
                     continue
-                q_c = q if c is None else q @ gram.preconditioner(c)[0].T
-                terms = q_c @ u.T
-                out[name] += weight * (terms if train_weights is None else terms * train_weights[k])
+                if c not in terms:
+                    terms[c] = (q if c is None else q @ gram.preconditioner(c)[0].T) @ u.T
+                out[name] += weight * (terms[c] * train_weights[k] if name in weighted else terms[c])
     return out
 
 
@@ -353,16 +356,16 @@ def setting_scores(
             features = attributor.query_features(images)
             atomic_save_npz(cache, **{f"k{k}": f for k, f in enumerate(features)})
         queried = time.perf_counter()
-        special = names["das"] + names["dtrak-events"]
-        scores = exact_scores(store, features, [v for v in variants if v not in special])
-        if "dtrak-events" in families:
-            scores.update(event_kernel_scores(store, features, names["dtrak-events"]))
+        residuals, das = None, frozenset(name for name, _, _ in names["das"])
         if "das" in families:
             residuals = cached_npy(
                 out / "residuals" / f"{setting.name}.npy",
                 lambda store=store: train_residuals(store, used, pool),
             )
-            scores.update(exact_scores(store, features, names["das"], train_weights=residuals))
+        plain = [v for v in variants if v not in names["dtrak-events"]]
+        scores = exact_scores(store, features, plain, train_weights=residuals, weighted=das)
+        if "dtrak-events" in families:
+            scores.update(event_kernel_scores(store, features, names["dtrak-events"]))
         record = {"stage": "scores", "setting": setting.name, "objective": objective}
         if reference is not None:
             method, matrix = reference
