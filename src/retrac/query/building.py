@@ -87,8 +87,8 @@ def build_attribution_index(
             store (:class:`~retrac.query.partition.IndexPart`); default every row. The kernel is still
             accumulated over every row, so that all parts fold the same kernel into a query.
         rerank_vectors: also write the index's exact train vectors (``vectors.npy``, ``4 N D`` bytes on
-            disk, digested like the FAISS file); re-ranking then reads its candidates' rows from it,
-            memory-mapped, instead of whole store shards (one more pass over the store).
+            disk, digested like the FAISS file); re-ranking then reads only its candidates' rows from
+            it instead of whole store shards (one more pass over the store).
 
     Returns:
         The built ``SearchIndex``; its manifest records the method, the store fingerprint, the

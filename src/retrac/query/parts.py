@@ -28,7 +28,7 @@ from retrac.errors import ConfigError, DataError, IndexDamagedError, StoreMismat
 from retrac.query.building import index_manifest, train_vector_blocks
 from retrac.query.index import MANIFEST_FILENAME, SearchIndex, check_manifest, load_index, rebuild_command
 from retrac.query.index.checks import _as_queries, _check_int_in_range
-from retrac.query.index.rerank import open_rerank_vectors
+from retrac.query.index.rerank import VectorRows, open_rerank_vectors
 from retrac.query.partition import PART_KEY, IndexPart, PartHits, check_cover
 from retrac.query.provenance import Kernel, derive_method
 from retrac.query.remote import PartServer, RemoteIndexPart, is_remote
@@ -209,7 +209,9 @@ def load_indexes(sources: Sequence[IndexSource], store) -> dict[str, LoadedIndex
             groups.setdefault(method.name, []).append((source, source.remote, method, None))
             continue
         index, method, kernel, part = load_local(source.where, source.manifest, store, expect)
-        groups.setdefault(method.name, []).append((source, LocalIndexPart(index, part), method, kernel))
+        vectors = open_rerank_vectors(source.where, source.manifest, index.num_vectors, index.dim)
+        local = LocalIndexPart(index, part, vectors)
+        groups.setdefault(method.name, []).append((source, local, method, kernel))
     loaded = {}
     for name, members in groups.items():
         source, part, method, kernel = members[0]
@@ -217,9 +219,8 @@ def load_indexes(sources: Sequence[IndexSource], store) -> dict[str, LoadedIndex
             raise ConfigError(f"two indexes of method {name!r}; give one index per method.")
         if len(members) == 1 and source.remote is None and part.part.count == 1:  # one folder, as it is
             preconditioners = None if kernel is None else kernel.preconditioners
-            vectors = open_rerank_vectors(source.where, source.manifest, part.num_vectors, part.dim)
             loaded[name] = LoadedIndex(
-                Path(source.where), source.manifest, method, part.index, preconditioners, vectors
+                Path(source.where), source.manifest, method, part.index, preconditioners, part.vectors
             )
             continue
         order = check_cover(name, [(m[0].where, m[1].part) for m in members], store.num_samples)
@@ -238,22 +239,17 @@ def load_indexes(sources: Sequence[IndexSource], store) -> dict[str, LoadedIndex
 class PartVectors:
     """The ``vectors.npy`` of local parts (``--rerank-vectors``), indexed by store rows like one array."""
 
-    def __init__(self, parts: list[tuple[IndexPart, np.ndarray]]) -> None:
+    def __init__(self, parts: list[tuple[IndexPart, VectorRows]]) -> None:
         self.parts = parts  # in row order, covering the store once (check_cover)
         self.starts = np.array([part.start for part, _ in parts])
 
     @classmethod
     def of(cls, members: list) -> PartVectors | None:
         """The parts' vectors when every part is a local folder built with them, else ``None``."""
-        found = []
-        for source, part, _, _ in members:
-            if source.remote is not None:
-                return None
-            vectors = open_rerank_vectors(source.where, source.manifest, part.num_vectors, part.dim)
-            if vectors is None:
-                return None
-            found.append((part.part, vectors))
-        return cls(found)
+        parts = [m[1] for m in members]
+        if any(not isinstance(p, LocalIndexPart) or p.vectors is None for p in parts):
+            return None
+        return cls([(p.part, p.vectors) for p in parts])
 
     def __getitem__(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -267,10 +263,11 @@ class PartVectors:
 
 
 class LocalIndexPart:
-    """A loaded index folder searched as a part: rows returned are store rows (``part.start`` added)."""
+    """A loaded index folder searched as a part: rows returned are store rows (``part.start`` added);
+    ``vectors``: its ``vectors.npy`` rows (``open_rerank_vectors``), or ``None``."""
 
-    def __init__(self, index: SearchIndex, part: IndexPart) -> None:
-        self.index, self.part = index, part
+    def __init__(self, index: SearchIndex, part: IndexPart, vectors=None) -> None:
+        self.index, self.part, self.vectors = index, part, vectors
         self.num_vectors, self.dim = index.num_vectors, index.dim
         self.kind, self.factory, self.exact = index.kind, index.factory, index.exact
         self.recall, self.search_params = index.recall, index.search_params

@@ -3,7 +3,8 @@ section 5).
 
 An approximate index (IVF with SQ8 / PQ codes, HNSW) returns candidates ranked by approximate scores.
 :func:`rerank` takes the top ``depth`` candidates of each query, reads their exact train vectors
-``U(z)`` (from the store, or any ``vectors_of(rows)``), scores them exactly and keeps the best ``k``.
+``U(z)`` (from the store, the index's ``vectors.npy`` or any ``vectors_of(rows)``), scores them exactly
+and keeps the best ``k``.
 The scores returned are then exact inner products ``<U(z), Q(z')>`` (computed in float64, returned as
 float32); recall is what the candidate list allows (``depth`` of 4 x ``k`` to 100 x ``k`` typically).
 """
@@ -19,7 +20,7 @@ import numpy as np
 from retrac.errors import ConfigError, DataError, IndexDamagedError
 
 # the exact train vectors U(z) of an index's rows, float32 (N, D), in the index folder (retrac build
-# --rerank-vectors): re-ranking reads its candidates' rows memory-mapped instead of whole store shards
+# --rerank-vectors): re-ranking reads its candidates' rows (VectorRows) instead of whole store shards
 RERANK_VECTORS_FILENAME = "vectors.npy"
 RERANK_VECTORS_KEY = "rerank_vectors"
 
