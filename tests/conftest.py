@@ -64,6 +64,32 @@ def make_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type)
 
 
+def weighted_store(root, num_train: int, shard_rows: int, model_seed: int, data_seed: int):
+    """A store of ``num_train`` random 8x8 samples ``z0, z1, ...`` over two tiny checkpoints weighted 0.5
+    and 1.5 (exact projector on ``conv_out``, 2 stratified events), and the data generator, whose next
+    draws give the caller its query images."""
+    from retrac.checkpoints import save_checkpoint
+    from retrac.data import ImageDataset
+    from retrac.indexer import IndexConfig, featurize_dataset
+
+    paths = [
+        str(
+            save_checkpoint(
+                make_tiny_unet(seed=model_seed + k), make_scheduler(), root / f"ckpt-{k}", weight=w
+            )
+        )
+        for k, w in enumerate((0.5, 1.5))
+    ]
+    generator = torch.Generator().manual_seed(data_seed)
+    data = ImageDataset(
+        torch.rand(num_train, 1, 8, 8, generator=generator) * 2 - 1, [f"z{i}" for i in range(num_train)]
+    )
+    config = IndexConfig(
+        events="stratified:2", projector="exact", seed=5, include=("conv_out.*",), shard_rows=shard_rows
+    )
+    return featurize_dataset(paths, data, root / "store", config, progress=False), data, generator
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """One torch thread for the whole suite: on a 2-core machine shared with other work, a second

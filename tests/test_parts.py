@@ -15,17 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, make_scheduler, make_tiny_unet, uvicorn_in_thread
-from retrac.checkpoints import save_checkpoint
+from conftest import free_port, uvicorn_in_thread, weighted_store
 from retrac.cli import main
-from retrac.data import ImageDataset
 from retrac.errors import ConfigError, IndexDamagedError
-from retrac.indexer import IndexConfig, featurize_dataset
 from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
 from retrac.query.index import read_manifest
 from retrac.query.parts import PartedIndex
 
-INCLUDE = ("conv_out.*",)
 N_TRAIN, SHARD_ROWS, PARTS = 23, 4, 3  # parts of 7, 8, 8 rows: boundaries inside shards
 QUERY_EVENTS = QueryEvents(num_timesteps=2, num_noise=1, seed=3)
 METHODS = {"tracin": None, "trak": 0.1}
@@ -35,18 +31,7 @@ METHODS = {"tracin": None, "trak": 0.1}
 def world(tmp_path_factory):
     """A store of 23 samples, a whole Flat index per method and its 3 Flat parts, 3 query images."""
     root = tmp_path_factory.mktemp("parts")
-    paths = [
-        str(save_checkpoint(make_tiny_unet(seed=20 + k), make_scheduler(), root / f"ckpt-{k}", weight=w))
-        for k, w in enumerate((0.5, 1.5))
-    ]
-    generator = torch.Generator().manual_seed(4)
-    data = ImageDataset(
-        torch.rand(N_TRAIN, 1, 8, 8, generator=generator) * 2 - 1, [f"z{i}" for i in range(N_TRAIN)]
-    )
-    config = IndexConfig(
-        events="stratified:2", projector="exact", seed=5, include=INCLUDE, shard_rows=SHARD_ROWS
-    )
-    store = featurize_dataset(paths, data, root / "store", config, progress=False)
+    store, data, generator = weighted_store(root, N_TRAIN, SHARD_ROWS, model_seed=20, data_seed=4)
     whole, parts = {}, {}
     for method, kernel in METHODS.items():
         whole[method] = root / f"whole-{method}"

@@ -13,12 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_scheduler, make_tiny_unet
-from retrac.checkpoints import save_checkpoint
+from conftest import weighted_store
 from retrac.cli import main
-from retrac.data import ImageDataset
 from retrac.errors import IndexDamagedError
-from retrac.indexer import IndexConfig, featurize_dataset
 from retrac.query import attribution
 from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index, train_vector_blocks
 from retrac.query.index import read_manifest
@@ -35,18 +32,7 @@ def world(tmp_path_factory):
     """A store of 23 samples over 2 weighted checkpoints; per method an HNSW index with and without
     ``vectors.npy``, and 3 query images."""
     root = tmp_path_factory.mktemp("rerank-vectors")
-    paths = [
-        str(save_checkpoint(make_tiny_unet(seed=30 + k), make_scheduler(), root / f"ckpt-{k}", weight=w))
-        for k, w in enumerate((0.5, 1.5))
-    ]
-    generator = torch.Generator().manual_seed(6)
-    data = ImageDataset(
-        torch.rand(N_TRAIN, 1, 8, 8, generator=generator) * 2 - 1, [f"z{i}" for i in range(N_TRAIN)]
-    )
-    config = IndexConfig(
-        events="stratified:2", projector="exact", seed=5, include=("conv_out.*",), shard_rows=SHARD_ROWS
-    )
-    store = featurize_dataset(paths, data, root / "store", config, progress=False)
+    store, _, generator = weighted_store(root, N_TRAIN, SHARD_ROWS, model_seed=30, data_seed=6)
     plain, with_vectors = {}, {}
     for method, kernel in METHODS.items():
         plain[method], with_vectors[method] = root / f"plain-{method}", root / f"vectors-{method}"
