@@ -15,7 +15,7 @@ import torch
 
 from conftest import weighted_store
 from retrac.cli import main
-from retrac.errors import IndexDamagedError
+from retrac.errors import ConfigError, IndexDamagedError
 from retrac.query import attribution
 from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index, train_vector_blocks
 from retrac.query.index import read_manifest
@@ -138,3 +138,18 @@ def test_parts_rerank_from_their_own_vectors(world, monkeypatch):
     got = _attributor(world["parts"]).attribute(world["queries"], 6, "tracin", rerank=N_TRAIN)
     assert np.array_equal(got.indices, expected.indices)
     assert np.array_equal(got.scores, expected.scores)
+
+
+def test_rerank_below_one_is_refused(world, capsys):
+    with pytest.raises(ConfigError, match="rerank=-4 must be at least 1"):
+        _attributor([world["vectors"]["tracin"]]).attribute(world["queries"], 3, "tracin", rerank=-4)
+    np.save(world["root"] / "queries.npy", world["queries"].numpy())
+    argv = [
+        "query",
+        "--index",
+        str(world["vectors"]["tracin"]),
+        "--images",
+        str(world["root"] / "queries.npy"),
+    ]
+    assert main([*argv, "--rerank", "0", "--no-progress"]) == 2
+    assert "rerank=0 must be at least 1" in capsys.readouterr().err

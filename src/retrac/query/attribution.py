@@ -400,6 +400,10 @@ class Attributor:
             raise ConfigError(
                 f"k={k} must lie in [1, {self._store.num_samples}] (the number of training samples)."
             )
+        if rerank is not None and not int(rerank) >= 1:
+            raise ConfigError(
+                f"rerank={rerank} must be at least 1: the candidates re-scored exactly per query."
+            )
         queries = self.query_vectors(images, loaded.method.name, class_labels, prompts, input_space)
         depth = k if rerank is None else min(max(int(rerank), k), self._store.num_samples)
         ef_search = None
