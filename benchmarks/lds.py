@@ -76,6 +76,8 @@ from retrac.indexer import IndexConfig, featurize_dataset
 from retrac.lds import DemoTrainer, LDSConfig, LDSRun, attributor_scores, counterfactual_check, lds_score
 from retrac.lds.metrics import pixel_scores, random_scores
 from retrac.lds.run import images_sha256
+from retrac.projection.exact import ExactProjector
+from retrac.projection.gradients import projected_gradients
 from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
 from retrac.query.vectors import VECTOR_KINDS, KernelAccumulator, Method, query_vectors, train_vectors
 from retrac.sampling import generate_images
@@ -92,6 +94,10 @@ FAMILIES = ("tracin", "retrac", "trak", "dtrak", "retrac+kernel")
 # one per query timestep bin (each query timestep against the train events in its bin)
 CANDIDATES = ("dtrak+retrac", "das", "dtrak-events")
 ALL_FAMILIES = FAMILIES + CANDIDATES
+# the unprojected reference (--unprojected): the families whose scores are functions of inner products of
+# per-sample vectors, so that the dual form (dual_scores) gives them at d = P; never a headline
+UNPROJECTED_FAMILIES = FAMILIES + ("dtrak+retrac",)
+SQNORM_FAMILIES = ("dtrak", "dtrak+retrac", "das", "dtrak-events")
 STARTED = time.perf_counter()
 
 
@@ -105,14 +111,15 @@ class Setting:
     the featurization seed (events and projections; ``None`` = ``--seed``)."""
 
     events: int
-    dim: int
+    dim: int  # 0: unprojected, the reference every projection approximates (UNPROJECTED)
     checkpoints: str  # "all" or "last"
     seed: int | None = None
 
     @property
     def name(self) -> str:
         suffix = "" if self.seed is None else f"-seed{self.seed}"
-        return f"S{self.events}-d{self.dim}-{self.checkpoints}{suffix}"
+        dim = "unprojected" if self.dim == 0 else f"d{self.dim}"
+        return f"S{self.events}-{dim}-{self.checkpoints}{suffix}"
 
 
 def cached_npy(path: Path, compute) -> np.ndarray:
@@ -311,6 +318,17 @@ def features_key(store, events: QueryEvents, images: torch.Tensor) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def setting_store(args, out: Path, setting: Setting, objective: str, used: list[str], pool: ImageDataset):
+    """The feature store of ``setting`` for ``objective`` (featurized on first use, reopened after)."""
+    seed = args.seed if setting.seed is None else setting.seed
+    config = IndexConfig(
+        events=f"stratified:{setting.events}", dim=setting.dim, objective=objective, seed=seed
+    )
+    return featurize_dataset(
+        used, pool, out / "stores" / f"{setting.name}-{objective}", config, progress=False
+    )
+
+
 def setting_scores(
     args, out: Path, setting: Setting, checkpoints: list[str], pool: ImageDataset, images: torch.Tensor
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -321,26 +339,21 @@ def setting_scores(
     :func:`exact_scores`; when the features are computed, one variant also goes through a flat index
     and the ``Attributor`` (the path ``retrac lds --index`` takes) and must agree.
     """
+    if setting.dim == 0:
+        return unprojected_scores(args, out, setting, checkpoints, pool, images)
     folder = out / "scores" / setting.name
     names = variant_names(args.kernel_c)
     used = checkpoints if setting.checkpoints == "all" else checkpoints[-1:]
     events = QueryEvents.preset(args.query_events, args.seed)
-    sqnorm_families = ["dtrak", "dtrak+retrac", "das", "dtrak-events"]
     for objective, families in (
-        ("loss", [f for f in ALL_FAMILIES if f not in sqnorm_families]),
-        ("sqnorm", sqnorm_families),
+        ("loss", [f for f in ALL_FAMILIES if f not in SQNORM_FAMILIES]),
+        ("sqnorm", list(SQNORM_FAMILIES)),
     ):
         variants = [v for f in families for v in names[f]]
         if all((folder / f"{name}.npy").is_file() for name, _, _ in variants):
             continue
         started = time.perf_counter()
-        seed = args.seed if setting.seed is None else setting.seed
-        config = IndexConfig(
-            events=f"stratified:{setting.events}", dim=setting.dim, objective=objective, seed=seed
-        )
-        store = featurize_dataset(
-            used, pool, out / "stores" / f"{setting.name}-{objective}", config, progress=False
-        )
+        store = setting_store(args, out, setting, objective, used, pool)
         featurized = time.perf_counter()
         cache = out / "query-features" / f"{features_key(store, events, images)}.npz"
         reference = None
@@ -386,6 +399,181 @@ def setting_scores(
     return {
         family: {name: np.load(folder / f"{name}.npy") for name, _, _ in variants}
         for family, variants in names.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------ unprojected
+
+
+def gram_terms(u: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(U U^T, U Q^T)`` in float64 of ``(N, d)`` train and ``(n, d)`` query vectors: all that the
+    scores of :func:`dual_scores` need, whatever ``d``."""
+    u, q = u.astype(np.float64), q.astype(np.float64)
+    return u @ u.T, u @ q.T
+
+
+def dual_scores(
+    terms: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+    weights: list[float],
+    variants: list[tuple[str, str, float | None]],
+) -> dict:
+    """The scores of :func:`exact_scores` in the dual form, from ``terms[kind][k] = (G_k, B_k)``
+    (:func:`gram_terms`): ``U (U^T U + lambda I)^-1 q = (U U^T + lambda I)^-1 U q`` (push-through), so a
+    kernel is one ``N x N`` solve at any ``d``, ``d = P`` included; ``lambda_k = c mean ||u_k||^2 =
+    c tr(G_k) / N`` as in ``KernelAccumulator``."""
+    out = {}
+    for name, kind, c in variants:
+        total = 0.0
+        for k, weight in enumerate(weights):
+            gram, cross = terms[kind][k]
+            if c is not None:
+                lam = c * np.trace(gram) / gram.shape[0]
+                cross = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)
+            total = total + weight * cross.T
+        out[name] = total
+    return out
+
+
+def projected_terms(store, features: list[np.ndarray]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`gram_terms` of a store's train vectors and cached query features, per vector kind."""
+    ids = store.ids
+    out = {}
+    for kind in VECTOR_KINDS:
+        out[kind] = []
+        for k in range(store.num_checkpoints):
+            u = np.concatenate(
+                [
+                    train_vectors(b.features, b.norms, kind, b.valid, ids[b.start : b.stop])
+                    for b in store.blocks(k)
+                ]
+            )
+            out[kind].append(gram_terms(u, query_vectors(features[k], kind)))
+    return out
+
+
+def unprojected_terms(
+    store,
+    checkpoints: list[str],
+    pool: ImageDataset,
+    images: torch.Tensor,
+    events: QueryEvents,
+    batch: int = 20,
+) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`gram_terms` of the unprojected vectors (the ``exact`` projector, ``d = P``), per vector kind:
+    the per-sample gradients at the store's own train events (its plan) and at the query events
+    (``Attributor.query_features``'s convention), averaged as ``train_vectors`` / ``query_vectors`` do."""
+    config = store.config
+    out = {kind: [] for kind in VECTOR_KINDS}
+    for k, path in enumerate(checkpoints):
+        task = DiffusionTask(load_unet(path), load_scheduler(path), config.objective)
+        projector = ExactProjector(task.num_parameters)
+        plan = config.schedule.plan(
+            store.ids, task.num_train_timesteps, config.seed, [None] * len(checkpoints)
+        )
+        u = {kind: np.zeros((store.num_samples, projector.dim), np.float32) for kind in VECTOR_KINDS}
+        for start in range(0, store.num_samples, batch):
+            rows = list(range(start, min(start + batch, store.num_samples)))
+            ev = plan.events(k, rows)
+            phi, norms = projected_gradients(
+                task,
+                projector,
+                pool.images[rows],
+                torch.from_numpy(ev.timesteps),
+                ev.noise(task.sample_shape),
+                valid=torch.from_numpy(ev.valid),
+            )
+            for kind in VECTOR_KINDS:
+                u[kind][rows] = train_vectors(phi.numpy(), norms.numpy(), kind, ev.valid)
+        t_q, m = events.num_timesteps, events.num_noise
+        taus = torch.from_numpy(events.timesteps(task.num_train_timesteps))
+        noise = events.noise(k, tuple(images.shape[1:])).reshape(t_q * m, *images.shape[1:])
+        q = {kind: np.zeros((len(images), projector.dim), np.float32) for kind in VECTOR_KINDS}
+        for start in range(0, len(images), 5):
+            part = images[start : start + 5]
+            b = len(part)
+            phi, _ = projected_gradients(
+                task,
+                projector,
+                part,
+                taus.repeat_interleave(m).expand(b, t_q * m),
+                noise.expand(b, *noise.shape),
+            )
+            for kind in VECTOR_KINDS:
+                q[kind][start : start + b] = query_vectors(phi.numpy().reshape(b, t_q, m, -1), kind)
+        for kind in VECTOR_KINDS:
+            out[kind].append(gram_terms(u[kind], q[kind]))
+    return out
+
+
+def unprojected_scores(
+    args, out: Path, setting: Setting, checkpoints: list[str], pool: ImageDataset, images: torch.Tensor
+) -> dict[str, dict[str, np.ndarray]]:
+    """The reference at ``d = P``: the families of ``UNPROJECTED_FAMILIES`` scored from unprojected
+    gradients at the same train and query events as the projected setting at ``--dim``.
+
+    Two checks are recorded: the dual form on that projected setting's vectors gives its primal
+    scores (:func:`exact_scores`, the index path's arithmetic) to float64 rounding; and how far the
+    projected kernel-free ``tracin`` scores are from the unprojected ones (relative Frobenius)."""
+    folder = out / "scores" / setting.name
+    names = variant_names(args.kernel_c)
+    used = checkpoints if setting.checkpoints == "all" else checkpoints[-1:]
+    events = QueryEvents.preset(args.query_events, args.seed)
+    projected = Setting(setting.events, args.dim, setting.checkpoints, setting.seed)
+    for objective, families in (
+        ("loss", [f for f in UNPROJECTED_FAMILIES if f not in SQNORM_FAMILIES]),
+        ("sqnorm", [f for f in UNPROJECTED_FAMILIES if f in SQNORM_FAMILIES]),
+    ):
+        variants = [v for f in families for v in names[f]]
+        if all((folder / f"{name}.npy").is_file() for name, _, _ in variants):
+            continue
+        started = time.perf_counter()
+        store = setting_store(args, out, projected, objective, used, pool)  # its events; featurized already
+        cache = out / "unprojected" / f"{setting.name}-{objective}.npz"
+        if cache.is_file():
+            with np.load(cache) as archive:
+                terms = {
+                    kind: [(archive[f"g_{kind}_{k}"], archive[f"b_{kind}_{k}"]) for k in range(len(used))]
+                    for kind in VECTOR_KINDS
+                }
+        else:
+            terms = unprojected_terms(store, used, pool, images, events)
+            atomic_save_npz(
+                cache,
+                **{
+                    f"{x}_{kind}_{k}": t[i]
+                    for kind, ts in terms.items()
+                    for k, t in enumerate(ts)
+                    for i, x in enumerate("gb")
+                },
+            )
+        gradients = time.perf_counter()
+        scores = dual_scores(terms, store.weights, variants)
+        record = {"stage": "scores", "setting": setting.name, "objective": objective}
+        with np.load(out / "query-features" / f"{features_key(store, events, images)}.npz") as archive:
+            features = [archive[f"k{k}"] for k in range(store.num_checkpoints)]
+        check = next(v for v in variants if v[2] is not None)
+        primal = exact_scores(store, features, [check])[check[0]]
+        record["dual_vs_primal_max_relative_difference"] = check_scores(
+            check[0], dual_scores(projected_terms(store, features), store.weights, [check])[check[0]], primal
+        )
+        plain = ("inner-product", "tracin", None)  # tracin's score on this store
+        reference = dual_scores(terms, store.weights, [plain])[plain[0]]
+        approx = exact_scores(store, features, [plain])[plain[0]]
+        record[f"inner_product_projected_d{args.dim}_relative_difference"] = float(
+            np.linalg.norm(approx - reference) / np.linalg.norm(reference)
+        )
+        for name, _, _ in variants:
+            atomic_save_npy(folder / f"{name}.npy", scores[name])
+        record.update(
+            {
+                "gradients_s": round(gradients - started, 1),
+                "score_s": round(time.perf_counter() - gradients, 1),
+            }
+        )
+        emit(record)
+    return {
+        family: {name: np.load(folder / f"{name}.npy") for name, _, _ in names[family]}
+        for family in UNPROJECTED_FAMILIES
     }
 
 
@@ -479,10 +667,11 @@ def evaluate(evaluator: Evaluator, all_scores: dict[str, dict], baselines: dict[
         for setting, families in all_scores.items()
     }
     headlines, headlines_specific = {}, {}
+    projected = [s for s in table if "-unprojected-" not in s]  # the d = P reference is never a headline
     for family in ALL_FAMILIES:
-        setting = max(table, key=lambda s, f=family: table[s][f]["validation_lds"])
+        setting = max(projected, key=lambda s, f=family: table[s][f]["validation_lds"])
         headlines[family] = {"setting": setting, **table[setting][family]}
-        setting = max(table, key=lambda s, f=family: table[s][f]["test_specific"]["validation_lds"])
+        setting = max(projected, key=lambda s, f=family: table[s][f]["test_specific"]["validation_lds"])
         headlines_specific[family] = {"setting": setting, **table[setting][family]["test_specific"]}
     pixels = {k: v for k, v in baselines.items() if k.startswith("pixel")}
     base = {
@@ -586,6 +775,24 @@ def summary(result: dict, n_subsets: int, n_test: int, n_report: int) -> dict:
     record["lds_pixel_nn_test_specific_ci"] = base["pixel_nn"]["test_specific"]["ci"]
     record["lds_random_test_specific"] = base["random"]["test_specific"]["lds"]
     record["featurize_seeds"] = result["featurize_seeds"]
+    for setting, families in result["table"].items():  # the d = P reference, beside the headlines
+        if "-unprojected-" in setting:
+            record["unprojected"] = {
+                "setting": setting,
+                **{
+                    family: {
+                        "variant": r["variant"],
+                        "lds": r["lds"],
+                        "ci": r["ci"],
+                        "test_specific": r["test_specific"]["lds"],
+                    }
+                    for family, r in families.items()
+                },
+            }
+            if base["pixel_nn"]["lds"] > 0:
+                record["ratio_unprojected_dtrak_to_pixel_nn"] = (
+                    families["dtrak"]["lds"] / base["pixel_nn"]["lds"]
+                )
     record.update(
         {"n_subsets": n_subsets, "n_test": n_test, "n_report": n_report, "n_validation": n_test - n_report}
     )
@@ -645,6 +852,13 @@ def main() -> None:
     parser.add_argument(
         "--counterfactual-queries", type=int, default=8, help="(default: %(default)s); 0 = skip"
     )
+    parser.add_argument(
+        "--unprojected",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score the --dim-events setting from unprojected gradients (d = P, the dual form): "
+        "the reference every projection dimension approximates; never a headline (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     args = parser.parse_args()
     if args.quick:
@@ -692,6 +906,10 @@ def main() -> None:
     settings += [Setting(args.dim_events, args.dim, "last")]
     settings += [Setting(s, args.dim, "all") for s in events if args.dim_events < s <= 32]
     settings += [Setting(args.dim_events, d, "all") for d in dims if d > args.dim]
+    if args.unprojected:  # after the setting whose train and query events it reuses
+        if args.dim_events not in events:
+            settings.insert(0, Setting(args.dim_events, args.dim, "all"))
+        settings += [Setting(args.dim_events, 0, "all")]
     seeds = [int(x) for x in args.featurize_seeds.split(",") if x and int(x) != args.seed]
     settings += [Setting(args.dim_events, args.dim, "all", seed) for seed in seeds]
     late = [Setting(s, args.dim, "all") for s in events if s > 32]
