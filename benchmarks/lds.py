@@ -30,6 +30,12 @@ Setup:
   the last checkpoint alone at ``S = --dim-events``; the ``S = --dim-events`` setting featurized with
   other seeds (``--featurize-seeds``, 1 and 2): how far a method's LDS moves with the random events and
   projections alone. ``S = 100`` comes last, after the counterfactual check.
+* **Unprojected reference** (``--unprojected``, on by default): the ``S = --dim-events`` setting scored
+  from the per-sample gradients themselves (``d = P``, the ``exact`` projector) at the same train and
+  query events as the ``--dim`` setting, the kernels in the dual form ``(U U^T + lambda I)^-1 U q``
+  (an ``N x N`` solve). It is what every projection dimension approximates, so it says how much LDS a
+  larger ``d`` can still add; it is reported beside the headlines (``unprojected`` in the last JSON
+  line) and is never one, since an index cannot hold ``d = P`` vectors at scale.
 * **Test-specific LDS** (``retrac.lds.metrics``): the same correlation after removing each subset's
   mean over the test samples from the predicted effects and the losses. A retrained model's losses
   share a part common to every test sample, and a scoring's own common part can match it by chance;
