@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,9 @@ ALL_FAMILIES = FAMILIES + CANDIDATES
 # the unprojected reference (--unprojected): the families whose scores are functions of inner products of
 # per-sample vectors, so that the dual form (dual_scores) gives them at d = P; never a headline
 UNPROJECTED_FAMILIES = FAMILIES + ("dtrak+retrac",)
-# dtrak-events keeps one d x d kernel per query-timestep bin: scored up to this d, left out above it
-MAX_EVENT_KERNEL_DIM = 4096
+# dtrak-events inverts one d x d kernel per query-timestep bin, checkpoint and c: scored while d times the
+# checkpoints is at most this (d 4096 with 4 checkpoints took 16 minutes on 2 cores), left out above it
+MAX_EVENT_KERNEL_COST = 4096 * 4
 SQNORM_FAMILIES = ("dtrak", "dtrak+retrac", "das", "dtrak-events")
 STARTED = time.perf_counter()
 
@@ -120,7 +122,7 @@ class Setting:
 
     events: int
     dim: int  # 0: unprojected, the reference every projection approximates (UNPROJECTED)
-    checkpoints: str  # "all" or "last"
+    checkpoints: str  # "all", "last", or "allK": K checkpoints of the same run (setting_checkpoints)
     seed: int | None = None
 
     @property
@@ -326,6 +328,41 @@ def features_key(store, events: QueryEvents, images: torch.Tensor) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def recipe(args, num_checkpoints: int | None = None) -> DemoConfig:
+    """The demo recipe of the pool model and every subset model."""
+    default = 4 if not args.quick else 2
+    return DemoConfig(seed=args.seed, epochs=args.epochs, num_checkpoints=num_checkpoints or default)
+
+
+def setting_checkpoints(
+    args, out: Path, setting: Setting, checkpoints: list[str], pool: ImageDataset
+) -> list[str]:
+    """The checkpoints a setting attributes with: the pool model's (``all``), its last (``last``), or
+    ``allK``: the same recipe and seed trained again on the pool, saving ``K`` evenly spaced
+    checkpoints. Saving does not change the training, so its last checkpoint must equal the pool
+    model's, which is checked: the attributed model is the same, only the path sampled is denser."""
+    if setting.checkpoints == "all":
+        return checkpoints
+    if setting.checkpoints == "last":
+        return checkpoints[-1:]
+    count = int(setting.checkpoints.removeprefix("all"))
+    folder = out / "models" / f"pool-{count}-checkpoints"
+    if not folder.is_dir():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        started = time.perf_counter()
+        DemoTrainer(pool, recipe(args, count))(np.arange(len(pool)), partial)
+        partial.rename(folder)
+        emit(
+            {"stage": "pool model", "checkpoints": count, "seconds": round(time.perf_counter() - started, 1)}
+        )
+    found = sorted(folder.rglob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
+    last, reference = load_unet(found[-1]).state_dict(), load_unet(checkpoints[-1]).state_dict()
+    if any(not torch.equal(last[name], reference[name]) for name in reference):
+        raise RuntimeError(f"{found[-1]} differs from the pool model's last checkpoint {checkpoints[-1]}")
+    return [str(p) for p in found]
+
+
 def setting_store(args, out: Path, setting: Setting, objective: str, used: list[str], pool: ImageDataset):
     """The feature store of ``setting`` for ``objective`` (featurized on first use, reopened after)."""
     seed = args.seed if setting.seed is None else setting.seed
@@ -351,9 +388,10 @@ def setting_scores(
         return unprojected_scores(args, out, setting, checkpoints, pool, images)
     folder = out / "scores" / setting.name
     names = variant_names(args.kernel_c)
-    used = checkpoints if setting.checkpoints == "all" else checkpoints[-1:]
+    used = setting_checkpoints(args, out, setting, checkpoints, pool)
     events = QueryEvents.preset(args.query_events, args.seed)
-    scored = [f for f in ALL_FAMILIES if f != "dtrak-events" or setting.dim <= MAX_EVENT_KERNEL_DIM]
+    affordable = setting.dim * len(used) <= MAX_EVENT_KERNEL_COST
+    scored = [f for f in ALL_FAMILIES if f != "dtrak-events" or affordable]
     for objective, families in (
         ("loss", [f for f in scored if f not in SQNORM_FAMILIES]),
         ("sqnorm", [f for f in scored if f in SQNORM_FAMILIES]),
@@ -533,7 +571,7 @@ def unprojected_scores(
     projected kernel-free ``tracin`` scores are from the unprojected ones (relative Frobenius)."""
     folder = out / "scores" / setting.name
     names = variant_names(args.kernel_c)
-    used = checkpoints if setting.checkpoints == "all" else checkpoints[-1:]
+    used = setting_checkpoints(args, out, setting, checkpoints, pool)
     events = QueryEvents.preset(args.query_events, args.seed)
     projected = Setting(setting.events, args.dim, setting.checkpoints, setting.seed)
     for objective, families in (
@@ -851,6 +889,12 @@ def main() -> None:
     )
     parser.add_argument("--dim-events", type=int, default=10, help="S of the dim and checkpoint sweeps")
     parser.add_argument(
+        "--checkpoint-counts",
+        default="",
+        help="more checkpoints of the pool model's training (e.g. 8,16: the recipe trained again saving "
+        "that many), at --dim-events and --dim (default: none)",
+    )
+    parser.add_argument(
         "--featurize-seeds",
         default="1,2",
         help="other featurization seeds (events, projections) of the --dim-events setting: how much a "
@@ -893,9 +937,8 @@ def main() -> None:
     out = Path(args.out)
 
     pool, heldout = build_data(args, out)
-    recipe = DemoConfig(seed=args.seed, epochs=args.epochs, num_checkpoints=4 if not args.quick else 2)
     config = LDSConfig(args.subsets, 0.5, args.seed, int(loss_t), int(loss_m))
-    run = LDSRun(out / "run", pool, DemoTrainer(pool, recipe), config, progress=False)
+    run = LDSRun(out / "run", pool, DemoTrainer(pool, recipe(args)), config, progress=False)
     started = time.perf_counter()
     last = run.model("full", np.arange(len(pool)))
     checkpoints = sorted((last.parent).glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
@@ -924,6 +967,8 @@ def main() -> None:
     settings += [Setting(args.dim_events, args.dim, "last")]
     settings += [Setting(s, args.dim, "all") for s in events if args.dim_events < s <= 32]
     settings += [Setting(args.dim_events, d, "all") for d in dims if d > args.dim]
+    counts = [int(x) for x in args.checkpoint_counts.split(",") if x]
+    settings += [Setting(args.dim_events, args.dim, f"all{count}") for count in counts]
     if args.unprojected:  # after the setting whose train and query events it reuses
         if args.dim_events not in events:
             settings.insert(0, Setting(args.dim_events, args.dim, "all"))
