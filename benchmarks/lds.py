@@ -29,7 +29,11 @@ Setup:
   32, 100) at ``--dim`` 512 with all checkpoints; ``--dims`` (128, 2048) at ``S = --dim-events`` (10);
   the last checkpoint alone at ``S = --dim-events``; the ``S = --dim-events`` setting featurized with
   other seeds (``--featurize-seeds``, 1 and 2): how far a method's LDS moves with the random events and
-  projections alone. ``S = 100`` comes last, after the counterfactual check.
+  projections alone; ``--checkpoint-counts`` (e.g. 8) attributes with that many checkpoints of the
+  pool model's training (the recipe trained again, saving more often). ``S = 100`` comes last, after
+  the counterfactual check. Settings with ``d > N`` score their kernels in the dual form
+  (:func:`dual_scores`), and ``dtrak-events`` is left out where ``d`` times the checkpoints exceeds
+  4096 x 4.
 * **Unprojected reference** (``--unprojected``, on by default): the ``S = --dim-events`` setting scored
   from the per-sample gradients themselves (``d = P``, the ``exact`` projector) at the same train and
   query events as the ``--dim`` setting, the kernels in the dual form ``(U U^T + lambda I)^-1 U q``
