@@ -51,7 +51,7 @@ from retrac.projection import (
     projected_gradients,
     projector_seed,
 )
-from retrac.query.attribution import QueryEvents
+from retrac.query.attribution import QueryEvents, query_event_features
 from retrac.query.vectors import DEFAULT_KERNEL_C, query_vectors, train_vectors
 from retrac.task import DiffusionTask
 
@@ -75,23 +75,9 @@ def featurize(task, projector, images, ids, k, args, shape):
         feats, norms = projected_gradients(task, projector, images["train"][rows], t, noise)
         for kind in u:
             u[kind].append(train_vectors(feats.numpy(), norms.numpy(), kind))
-    ev = QueryEvents.preset("default")
-    t_q, m = ev.num_timesteps, ev.num_noise
-    taus = torch.from_numpy(ev.timesteps(task.num_train_timesteps))
-    noise = ev.noise(k, shape).reshape(t_q * m, *shape)
-    g = []
-    for start in range(0, len(images["query"]), 8):
-        batch = images["query"][start : start + 8]
-        b = batch.shape[0]
-        feats, _ = projected_gradients(
-            task,
-            projector,
-            batch,
-            taus.repeat_interleave(m).expand(b, t_q * m),
-            noise.expand(b, *noise.shape),
-        )
-        g.append(feats.numpy().reshape(b, t_q, m, -1).mean(axis=2))  # g_kj = mean_m P grad f
-    return {kind: np.concatenate(v) for kind, v in u.items()}, np.concatenate(g)
+    feats = query_event_features(task, projector, images["query"], QueryEvents.preset("default"), k)
+    g = feats.mean(axis=2)  # g_kj = mean_m P grad f
+    return {kind: np.concatenate(v) for kind, v in u.items()}, g
 
 
 def checkpoint_scores(u: dict, g: np.ndarray) -> dict[str, np.ndarray]:

@@ -89,7 +89,7 @@ from retrac.lds.metrics import pixel_scores, random_scores
 from retrac.lds.run import images_sha256
 from retrac.projection.exact import ExactProjector
 from retrac.projection.gradients import projected_gradients
-from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index
+from retrac.query.attribution import Attributor, QueryEvents, build_attribution_index, query_event_features
 from retrac.query.vectors import VECTOR_KINDS, KernelAccumulator, Method, query_vectors, train_vectors
 from retrac.sampling import generate_images
 from retrac.task import DiffusionTask
@@ -543,22 +543,11 @@ def unprojected_terms(
             )
             for kind in VECTOR_KINDS:
                 u[kind][rows] = train_vectors(phi.numpy(), norms.numpy(), kind, ev.valid)
-        t_q, m = events.num_timesteps, events.num_noise
-        taus = torch.from_numpy(events.timesteps(task.num_train_timesteps))
-        noise = events.noise(k, tuple(images.shape[1:])).reshape(t_q * m, *images.shape[1:])
         q = {kind: np.zeros((len(images), projector.dim), np.float32) for kind in VECTOR_KINDS}
-        for start in range(0, len(images), 5):
-            part = images[start : start + 5]
-            b = len(part)
-            phi, _ = projected_gradients(
-                task,
-                projector,
-                part,
-                taus.repeat_interleave(m).expand(b, t_q * m),
-                noise.expand(b, *noise.shape),
-            )
+        for start in range(0, len(images), 5):  # 5 queries' (T_q, M, P) gradients at a time
+            phi = query_event_features(task, projector, images[start : start + 5], events, k)
             for kind in VECTOR_KINDS:
-                q[kind][start : start + b] = query_vectors(phi.numpy().reshape(b, t_q, m, -1), kind)
+                q[kind][start : start + len(phi)] = query_vectors(phi, kind)
         for kind in VECTOR_KINDS:
             out[kind].append(gram_terms(u[kind], q[kind]))
     return out

@@ -314,33 +314,18 @@ class Attributor:
             return self._cache
         images, states = query_inputs(self._tasks[0], images, prompts, input_space)  # pixels or VAE latents
         conditioning = states if states is not None else class_labels
-        ev = self.query_events
-        n, t_q, m = images.shape[0], ev.num_timesteps, ev.num_noise
-        out = []
         bar = tqdm(
-            total=n * len(self._tasks), desc="query gradients", unit="query", disable=not self.progress
+            total=images.shape[0] * len(self._tasks),
+            desc="query gradients",
+            unit="query",
+            disable=not self.progress,
         )
-        for k, (task, projector) in enumerate(zip(self._tasks, self._projectors, strict=True)):
-            taus = torch.from_numpy(ev.timesteps(task.num_train_timesteps))
-            noise = ev.noise(k, tuple(images.shape[1:])).reshape(t_q * m, *images.shape[1:])
-            feats = np.zeros((n, t_q, m, projector.dim), dtype=np.float32)
-            for start in range(0, n, self.batch_size):
-                batch = images[start : start + self.batch_size]
-                b = batch.shape[0]
-                timesteps = taus.repeat_interleave(m).expand(b, t_q * m)
-                labels = None if conditioning is None else conditioning[start : start + b]
-                phi, _ = projected_gradients(
-                    task,
-                    projector,
-                    batch,
-                    timesteps,
-                    noise.expand(b, *noise.shape),
-                    labels,
-                    sample_ids=[f"query {start + i}" for i in range(b)],
-                )
-                feats[start : start + b] = phi.numpy().reshape(b, t_q, m, -1)
-                bar.update(b)
-            out.append(feats)
+        out = [
+            query_event_features(
+                task, projector, images, self.query_events, k, conditioning, self.batch_size, bar.update
+            )
+            for k, (task, projector) in enumerate(zip(self._tasks, self._projectors, strict=True))
+        ]
         bar.close()
         self._cache_key, self._cache = key, out
         return out
@@ -445,6 +430,43 @@ class Attributor:
         if method not in self._loaded:
             raise ConfigError(f"no index of method {method!r} is loaded; loaded: {', '.join(self._loaded)}.")
         return self._loaded[method]
+
+
+def query_event_features(
+    task,
+    projector,
+    images: Tensor,
+    events: QueryEvents,
+    checkpoint: int,
+    conditioning: Tensor | None = None,
+    batch_size: int = 8,
+    on_batch=None,
+) -> np.ndarray:
+    """Projected gradients ``(n, T_q, M, d)`` float32 of the query images at checkpoint index
+    ``checkpoint``'s query events: row ``(i, j, m)`` is ``P_k grad f(theta_k; z'_i, tau_j, eps_jm)``, the
+    same timesteps and noise for every query. ``images`` are the model's inputs (pixels or latents,
+    :func:`retrac.query.inputs.query_inputs`), ``conditioning`` their labels or text states;
+    ``on_batch(b)`` is called after each batch of ``b`` queries (a progress bar's ``update``)."""
+    n, t_q, m = images.shape[0], events.num_timesteps, events.num_noise
+    taus = torch.from_numpy(events.timesteps(task.num_train_timesteps))
+    noise = events.noise(checkpoint, tuple(images.shape[1:])).reshape(t_q * m, *images.shape[1:])
+    feats = np.zeros((n, t_q, m, projector.dim), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        batch = images[start : start + batch_size]
+        b = batch.shape[0]
+        phi, _ = projected_gradients(
+            task,
+            projector,
+            batch,
+            taus.repeat_interleave(m).expand(b, t_q * m),
+            noise.expand(b, *noise.shape),
+            None if conditioning is None else conditioning[start : start + b],
+            sample_ids=[f"query {start + i}" for i in range(b)],
+        )
+        feats[start : start + b] = phi.numpy().reshape(b, t_q, m, -1)
+        if on_batch is not None:
+            on_batch(b)
+    return feats
 
 
 def _as_labels(class_labels, num_queries: int) -> Tensor | None:
