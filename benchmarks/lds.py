@@ -916,6 +916,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     args = parser.parse_args()
+    try:
+        args.checkpoint_counts = [int(x) for x in args.checkpoint_counts.split(",") if x]
+    except ValueError:
+        parser.error(f"--checkpoint-counts takes whole numbers like 8,16, not {args.checkpoint_counts!r}")
+    if any(count < 1 for count in args.checkpoint_counts):
+        parser.error("--checkpoint-counts: each count must be at least 1")
     if args.quick:
         args.pool, args.subsets, args.min_subsets, args.heldout, args.generated = 60, 4, 3, 4, 4
         args.epochs, args.sampling_steps, args.events, args.dims = 2, 20, "1,2", "32"
@@ -960,8 +966,7 @@ def main() -> None:
     settings += [Setting(args.dim_events, args.dim, "last")]
     settings += [Setting(s, args.dim, "all") for s in events if args.dim_events < s <= 32]
     settings += [Setting(args.dim_events, d, "all") for d in dims if d > args.dim]
-    counts = [int(x) for x in args.checkpoint_counts.split(",") if x]
-    settings += [Setting(args.dim_events, args.dim, f"all{count}") for count in counts]
+    settings += [Setting(args.dim_events, args.dim, f"all{count}") for count in args.checkpoint_counts]
     if args.unprojected:  # after the setting whose train and query events it reuses
         if args.dim_events not in events:
             settings.insert(0, Setting(args.dim_events, args.dim, "all"))
